@@ -1,0 +1,182 @@
+"""The model card: what a model file is, stored inside every artifact.
+
+Owns: `ModelCard` and its parts (`Architecture`, `Preprocessing`, `DiffusionSpec`), their JSON form and its
+validation. A card travels in safetensors metadata (key ``diffseg_card``), in ONNX ``metadata_props`` (same
+key) and as a JSON file beside a TensorRT plan, so any file says what it is.
+Imports: standard library and `errors` only (no numpy, no torch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ModelFileError
+
+FORMAT_VERSION = 1
+CARD_KEY = "diffseg_card"
+
+#: Canonical modality names, in the paper's channel order. Files of other naming conventions map onto these.
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Hyper-parameters of the improved-DDPM U-Net (names as in the paper's code, `UNetModel`).
+
+    `attention_ds` lists the downsampling factors (1, 2, 4, ...) at which attention blocks sit; the paper's
+    `--attention_resolutions 16` with `--image_size 256` means attention at factor 16.
+    """
+
+    in_channels: int
+    model_channels: int
+    out_channels: int = 2
+    num_res_blocks: int = 2
+    attention_ds: tuple[int, ...] = (16,)
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4, 4)
+    num_heads: int = 1
+    num_head_channels: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention_ds", tuple(int(a) for a in self.attention_ds))
+        object.__setattr__(self, "channel_mult", tuple(int(c) for c in self.channel_mult))
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.out_channels == 2
+
+    @property
+    def size_divisor(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a 2D axial slice becomes network input, and (inverted) how output goes back to the input grid.
+
+    intensity: ``"percentile"`` clips each modality of a volume at its `percentile_low`/`percentile_high`
+    percentiles over brain (non-zero) voxels and scales to [0, 1] (background stays 0); ``"none"`` expects
+    intensities already in [0, 1] (the paper's reference 2D slices).
+    crop_size: in-plane centre crop / zero pad to crop_size x crop_size (240 -> 224 is ``[8:-8, 8:-8]``).
+    downsample: integer factor applied after cropping (area average); network size = crop_size // downsample.
+    """
+
+    intensity: str = "percentile"
+    percentile_low: float = 1.0
+    percentile_high: float = 99.0
+    crop_size: int = 224
+    downsample: int = 1
+
+    @property
+    def image_size(self) -> int:
+        return self.crop_size // self.downsample
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """The forward process the network was trained for.
+
+    mask_low/mask_high: the values background and tumour take in x_0 (the paper's code uses 0 and 1).
+    clip_denoised: clip the predicted x_0 to [mask_low - margin...]: the paper's code clips to [-1, 1].
+    """
+
+    schedule: str = "linear"
+    timesteps: int = 1000
+    learn_sigma: bool = True
+    mask_low: float = 0.0
+    mask_high: float = 1.0
+    clip_denoised: bool = True
+    clip_low: float = -1.0
+    clip_high: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything needed to run a model file, and where it came from.
+
+    `modalities` is the channel order of the image b the network is conditioned on; the noisy mask x_t is
+    the last input channel, so `architecture.in_channels == len(modalities) + 1`.
+    """
+
+    name: str
+    preset: str
+    modalities: tuple[str, ...]
+    architecture: Architecture
+    preprocessing: Preprocessing = Preprocessing()
+    diffusion: DiffusionSpec = DiffusionSpec()
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+    training: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+        if self.architecture.in_channels != len(self.modalities) + 1:
+            raise ModelFileError(
+                f"model card is inconsistent: {len(self.modalities)} modalities {list(self.modalities)} "
+                f"need in_channels={len(self.modalities) + 1}, card says {self.architecture.in_channels}",
+                fix="re-export the model with the right --modalities",
+            )
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ModelFileError(f"model card lists a modality twice: {list(self.modalities)}")
+        if self.preprocessing.image_size % self.architecture.size_divisor:
+            raise ModelFileError(
+                f"image size {self.preprocessing.image_size} is not a multiple of "
+                f"{self.architecture.size_divisor} required by channel_mult {self.architecture.channel_mult}"
+            )
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
+    def replace(self, **changes: Any) -> "ModelCard":
+        return dataclasses.replace(self, **changes)
+
+    # ---- JSON ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: object = "model card") -> "ModelCard":
+        try:
+            version = int(data.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise ModelFileError(
+                    f"model card format version {version} is not supported by this engine "
+                    f"(supports {FORMAT_VERSION})",
+                    path=source,
+                    fix="re-export the model with this version of diffseg-engine",
+                )
+            return cls(
+                name=str(data["name"]),
+                preset=str(data["preset"]),
+                modalities=tuple(str(m) for m in data["modalities"]),
+                architecture=Architecture(**data["architecture"]),
+                preprocessing=Preprocessing(**data.get("preprocessing", {})),
+                diffusion=DiffusionSpec(**data.get("diffusion", {})),
+                weights_sha256=str(data.get("weights_sha256", "")),
+                format_version=version,
+                training=dict(data.get("training", {})),
+            )
+        except ModelFileError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"model card is malformed ({exc!r})", path=source,
+                                 fix="use a model written by diffseg-engine train/export") from None
+
+    @classmethod
+    def from_json(cls, text: str, *, source: object = "model card") -> "ModelCard":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelFileError(f"model card is not valid JSON ({exc})", path=source) from None
+        if not isinstance(data, dict):
+            raise ModelFileError("model card is not a JSON object", path=source)
+        return cls.from_dict(data, source=source)

@@ -1,0 +1,74 @@
+"""Errors a user can act on, and the one table that maps them to exit codes.
+
+Owns: the `DiffsegError` hierarchy and `EXIT_CODES`. Every error names the file (or option) at fault and
+the fix, on one line. Imports: standard library only. Must not import numpy, torch or anything else in
+this package.
+"""
+from __future__ import annotations
+
+
+class DiffsegError(Exception):
+    """Base class: a one-line, user-facing message. `exit_code` comes from `EXIT_CODES`."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, path: object | None = None, fix: str | None = None):
+        self.path = None if path is None else str(path)
+        self.fix = fix
+        parts = []
+        if self.path:
+            parts.append(f"{self.path}: ")
+        parts.append(message.rstrip("."))
+        if fix:
+            parts.append(f". Fix: {fix.rstrip('.')}")
+        super().__init__("".join(parts) + ".")
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[type(self)]
+
+
+class UsageError(DiffsegError):
+    """An option value that cannot work (`--n 0`, `--steps 2000`, ...)."""
+
+
+class InputImageError(DiffsegError):
+    """An MR image that cannot be read or used (corrupt, truncated, wrong shape, NaN, bad affine)."""
+
+
+class MissingModalityError(DiffsegError):
+    """A modality the model needs is missing, duplicated or ambiguous in the input."""
+
+
+class ModelFileError(DiffsegError):
+    """A model file that is corrupt, tampered, untrusted or does not fit this engine."""
+
+
+class DatasetError(DiffsegError):
+    """A training or evaluation folder with no usable cases."""
+
+
+class OutputError(DiffsegError):
+    """An output location that cannot be written, or already holds results."""
+
+
+class BackendError(DiffsegError):
+    """A runtime backend that is not installed or cannot run here."""
+
+
+class ResourceError(DiffsegError):
+    """Out of memory at batch size 1, disk full."""
+
+
+#: One table: error kind -> process exit code. 1 is left to unexpected crashes, 2 to the CLI parser.
+EXIT_CODES: dict[type[DiffsegError], int] = {
+    DiffsegError: 3,
+    UsageError: 2,
+    InputImageError: 10,
+    MissingModalityError: 11,
+    ModelFileError: 12,
+    DatasetError: 13,
+    OutputError: 14,
+    BackendError: 15,
+    ResourceError: 16,
+}

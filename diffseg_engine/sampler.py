@@ -1,0 +1,108 @@
+"""The batched ensemble sampler: the paper's Algorithm 2, N times per slice, all members batched.
+
+Owns: `SamplingPlan` (which steps, their coefficient rows and network timesteps), `plan_sampling`, and
+`sample_ensemble` — a short loop over chunks of (slice, member) work items and, inside, over timesteps; one
+backend call per timestep per chunk does the network AND the update (compiled in the step graph).
+Imports: numpy, `schedule`, `noise`, `ensemble`, `card`, `errors`. Never a concrete backend, never torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .card import ModelCard
+from .ensemble import EnsembleStats, member_probability
+from .errors import UsageError
+from .noise import BatchNoise, NoiseStreams
+from .schedule import (ddim_coefficients, ddpm_coefficients, model_timesteps, respace, space_timesteps,
+                       tables_for)
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+class StepFn(Protocol):
+    def __call__(self, image: np.ndarray, x_t: np.ndarray, timestep: np.ndarray, coef: np.ndarray,
+                 noise: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    sampler: str
+    steps: int
+    eta: float
+    coefs: np.ndarray  # [K, 8] float32, row i = step i (sampled from K-1 down to 0)
+    timesteps: np.ndarray  # [K] float32, what the network receives at step i
+
+    def describe(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "eta": self.eta}
+
+
+def plan_sampling(card: ModelCard, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0) -> SamplingPlan:
+    """DDPM over all T steps (the paper), DDPM respaced to K steps, or DDIM(η) with K steps."""
+    T = card.diffusion.timesteps
+    steps = T if steps is None else int(steps)
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}", fix=f"choose one of {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= T:
+        raise UsageError(f"--steps must lie in 1..{T}, got {steps}")
+    if not 0.0 <= eta <= 1.0:
+        raise UsageError(f"--eta must lie in [0, 1], got {eta}")
+    tables = tables_for(card.diffusion.schedule, T)
+    if steps != T:
+        tables = respace(tables, space_timesteps(T, f"ddim{steps}" if sampler == "ddim" else [steps]))
+    coefs = ddpm_coefficients(tables, learn_sigma=card.architecture.learn_sigma) if sampler == "ddpm" \
+        else ddim_coefficients(tables, eta)
+    return SamplingPlan(sampler, steps, float(eta), coefs.astype(np.float32), model_timesteps(tables))
+
+
+def work_items(num_slices: int, members: int) -> list[tuple[int, int]]:
+    """(slice position, member) pairs, slice-major: members of a slice are folded into the stats in order."""
+    return [(s, m) for s in range(num_slices) for m in range(members)]
+
+
+def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: SamplingPlan, streams: NoiseStreams,
+                    slice_ids: np.ndarray, card: ModelCard, batch_size: int,
+                    stats: EnsembleStats | None = None, start_item: int = 0,
+                    on_progress: Callable[[int], None] | None = None,
+                    on_member: Callable[[int, int, np.ndarray], None] | None = None,
+                    on_chunk: Callable[[int, EnsembleStats], None] | None = None) -> EnsembleStats:
+    """Sample `members` masks for each slice of `images` [S, C, h, w]; returns their streamed statistics.
+
+    Work items (slice, member) are processed in chunks of `batch_size`; every chunk runs all K steps, one
+    `step` call per timestep. Member (s, m) draws x_T and every z from stream (slice_ids[s], m), so the
+    result does not depend on `batch_size`. `start_item` and `stats` resume after finished chunks;
+    `on_chunk(next_item, stats)` is called after each chunk, `on_progress(n)` after each step call.
+    """
+    S, _, h, w = images.shape
+    if members < 1:
+        raise UsageError(f"--n must be at least 1, got {members}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    stats = stats if stats is not None else EnsembleStats(S, (h, w))
+    items = work_items(S, members)
+    low, high = card.diffusion.mask_low, card.diffusion.mask_high
+    K = len(plan.coefs)
+    for lo in range(start_item, len(items), batch_size):
+        chunk = items[lo:lo + batch_size]
+        B = len(chunk)
+        pos = np.fromiter((s for s, _ in chunk), np.int64, B)
+        noise = BatchNoise(streams, [(int(slice_ids[s]), m) for s, m in chunk], (h, w))
+        x = noise.draw().copy()  # x_T ~ N(0, I)
+        img = np.ascontiguousarray(images[pos], np.float32)
+        for i in range(K - 1, -1, -1):
+            coef = np.broadcast_to(plan.coefs[i], (B, plan.coefs.shape[1]))
+            t = np.full(B, plan.timesteps[i], np.float32)
+            z = noise.draw()
+            x = step(img, x, t, coef, z)  # network + update, one engine call
+            if on_progress:
+                on_progress(B)
+        prob = member_probability(x[:, 0].astype(np.float64), low, high)
+        for j, (s, m) in enumerate(chunk):
+            stats.add(s, prob[j])
+            if on_member:
+                on_member(s, m, prob[j])
+        if on_chunk:
+            on_chunk(lo + B, stats)
+    return stats

@@ -1,0 +1,1 @@
+"""Export of the noise-prediction U-Net to ONNX and TensorRT (needs the `export` extra)."""

@@ -1,0 +1,1 @@
+"""Training: U-Net, diffusion loss, BraTS data pipeline (needs the `train` extra: torch)."""

@@ -1,0 +1,127 @@
+"""The BraTS training data: labelled cases -> preprocessed axial slices in memory, split by patient.
+
+Owns: `SliceSet` (images [N, C, h, w], masks [N, 1, h, w] in {mask_low, mask_high}, the case of each
+slice), `load_slices`, `split_cases` (patient-level validation split) and `BatchSampler` (seeded,
+tumour-weighted draws with optional left-right flips).
+Imports: numpy, `diffseg_engine.cases`, `nifti_io`, `preprocess`, `card`, `errors`. Must not import torch
+(batches are numpy; the loop converts them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from diffseg_engine.card import ModelCard
+from diffseg_engine.cases import Case, discover_cases
+from diffseg_engine.errors import DatasetError, MissingModalityError
+from diffseg_engine.nifti_io import load_image
+from diffseg_engine.preprocess import prepare_case, prepare_label
+
+
+@dataclass
+class SliceSet:
+    images: np.ndarray  # [N, C, h, w] float32 in [0, 1]
+    masks: np.ndarray  # [N, 1, h, w] float32, mask_low / mask_high
+    case_ids: np.ndarray  # [N] str
+    slice_index: np.ndarray  # [N] int, axial index in the case's volume
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    has_tumour: np.ndarray | None = None  # [N] bool, derived from masks when not given
+
+    def __post_init__(self) -> None:
+        if self.has_tumour is None:
+            flat = self.masks.reshape(len(self.masks), -1)
+            self.has_tumour = (flat > flat.min(initial=np.inf)).any(1) if len(flat) else np.zeros(0, bool)
+
+
+def labelled_cases(root: str | Path, modalities: Sequence[str]) -> tuple[list[Case], list[str]]:
+    """Cases under `root` that have a label and every modality; also the reasons others were skipped."""
+    usable, skipped = [], []
+    for case in discover_cases(root):
+        if case.label is None:
+            skipped.append(f"{case.case_id}: no label file")
+            continue
+        try:
+            case.require(modalities)
+        except MissingModalityError as exc:
+            skipped.append(f"{case.case_id}: {exc}")
+            continue
+        usable.append(case)
+    if not usable:
+        raise DatasetError(f"no labelled case with modalities {list(modalities)} found",
+                           path=root, fix="point --data at a folder of BraTS case folders with *_seg files"
+                                          " or choose --modalities the cases have")
+    return usable, skipped
+
+
+def split_cases(case_ids: Sequence[str], *, val_cases: Sequence[str] | None = None, val_count: int | None = None,
+                seed: int = 0) -> tuple[list[str], list[str]]:
+    """Patient-level split: explicit `val_cases`, else `val_count` cases drawn with `seed` (default ~1/6)."""
+    ids = sorted(case_ids)
+    if val_cases:
+        unknown = sorted(set(val_cases) - set(ids))
+        if unknown:
+            raise DatasetError(f"validation cases {unknown} are not among the training cases {ids}")
+        val = sorted(val_cases)
+    else:
+        n = val_count if val_count is not None else max(1, round(len(ids) / 6)) if len(ids) > 1 else 0
+        val = sorted(np.random.default_rng(seed).permutation(ids)[:n].tolist())
+    train = [i for i in ids if i not in val]
+    if not train:
+        raise DatasetError("the validation split leaves no training case", fix="use fewer --val-count")
+    return train, val
+
+
+def load_case_slices(case: Case, card: ModelCard, *, max_slices: int | None = None) -> SliceSet:
+    """Preprocess one labelled case into brain-containing axial slices."""
+    images = [load_image(p) for p in case.require(card.modalities)]
+    label = load_image(case.label)
+    prepared = prepare_case([im.data for im in images], images[0].image.affine, card.preprocessing)
+    wt = prepare_label(label.data, prepared)  # [S, h, w] in {0, 1}
+    lo, hi = card.diffusion.mask_low, card.diffusion.mask_high
+    masks = (lo + (hi - lo) * wt)[:, None].astype(np.float32)
+    idx = np.arange(len(prepared.inputs))
+    if max_slices is not None and len(idx) > max_slices:
+        idx = np.linspace(0, len(idx) - 1, max_slices).round().astype(int)
+    return SliceSet(images=prepared.inputs[idx].astype(np.float32), masks=masks[idx],
+                    case_ids=np.array([case.case_id] * len(idx)), slice_index=prepared.slice_index[idx],
+                    has_tumour=wt[idx].reshape(len(idx), -1).any(1))
+
+
+def load_slices(cases: Sequence[Case], card: ModelCard, *, max_slices_per_case: int | None = None) -> SliceSet:
+    parts = [load_case_slices(c, card, max_slices=max_slices_per_case) for c in cases]
+    return SliceSet(images=np.concatenate([p.images for p in parts]), masks=np.concatenate([p.masks for p in parts]),
+                    case_ids=np.concatenate([p.case_ids for p in parts]),
+                    slice_index=np.concatenate([p.slice_index for p in parts]),
+                    has_tumour=np.concatenate([p.has_tumour for p in parts]))
+
+
+class BatchSampler:
+    """Seeded batches from a SliceSet: slices with tumour drawn `tumour_weight` times as often; flips."""
+
+    def __init__(self, data: SliceSet, batch_size: int, *, tumour_weight: float = 1.0, flip: bool = True,
+                 seed: int = 0):
+        self.data, self.batch_size, self.flip = data, batch_size, flip
+        w = np.where(data.has_tumour, tumour_weight, 1.0)
+        self.p = w / w.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.rng.choice(len(self.data), size=self.batch_size, p=self.p)
+        img, msk = self.data.images[idx], self.data.masks[idx]
+        if self.flip:
+            f = self.rng.random(self.batch_size) < 0.5
+            img = np.where(f[:, None, None, None], img[..., ::-1], img)
+            msk = np.where(f[:, None, None, None], msk[..., ::-1], msk)
+        return np.ascontiguousarray(img), np.ascontiguousarray(msk)
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state

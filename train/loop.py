@@ -1,0 +1,262 @@
+"""The training run: config, loop, checkpoints and resume.
+
+Owns: `TrainConfig`, `train()`, and the run folder layout:
+  RUN_DIR/model.safetensors   EMA weights + model card (the deliverable; `segment --model` takes it)
+  RUN_DIR/state.safetensors   raw weights, EMA, Adam moments, RNG states (for --resume; no pickle)
+  RUN_DIR/config.json         the configuration and the patient-level split
+  RUN_DIR/train_log.jsonl     one JSON line per logged step / validation
+Imports: torch, numpy, `train.unet`, `train.losses`, `train.data`, `train.presets`, runtime ground floor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from diffseg_engine.card import ModelCard
+from diffseg_engine.errors import DatasetError, UsageError
+from diffseg_engine.progress import ProgressBar
+from diffseg_engine.schedule import tables_for
+from diffseg_engine.weights import load_weights, read_metadata, save_weights
+
+from .data import BatchSampler, SliceSet, labelled_cases, load_slices, split_cases
+from .losses import TorchTables, hybrid_loss
+from .presets import build_card, get_preset
+from .unet import UNetModel
+
+STATE_KEY = "diffseg_train_state"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    preset: str = "cpu"
+    modalities: tuple[str, ...] = ()
+    steps: int = 10_000
+    batch_size: int = 0  # 0: the preset's
+    lr: float = 0.0  # 0: the preset's
+    ema_rate: float = 0.0  # 0: the preset's
+    checkpoint_every: int = 500
+    log_every: int = 25
+    val_cases: tuple[str, ...] = ()
+    val_count: int = -1  # -1: about 1/6 of the patients
+    seed: int = 0
+    precision: str = "auto"  # "auto" | "bf16" | "fp32"; auto measures which matmul is faster here
+    flip: bool = True
+    max_slices_per_case: int = 0  # 0: all brain slices
+    threads: int = 0  # 0: all cores
+    split: dict = field(default_factory=dict)  # filled in: {"train": [...], "val": [...]}
+
+    # what may differ between the first run and a --resume
+    RESUMABLE = ("steps", "checkpoint_every", "log_every", "threads")
+
+    def resolved(self) -> "TrainConfig":
+        p = get_preset(self.preset)
+        return dataclasses.replace(
+            self, modalities=tuple(self.modalities or p.default_modalities),
+            batch_size=self.batch_size or p.batch_size, lr=self.lr or p.lr, ema_rate=self.ema_rate or p.ema_rate)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def bf16_is_faster(n: int = 256) -> bool:
+    """Measure: is a bf16 matmul faster than fp32 on this CPU? (On CPUs without bf16 units it is ~100x slower.)"""
+    a = torch.randn(n, n)
+    timings = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = a.to(dt)
+        x @ x
+        t0 = time.perf_counter()
+        for _ in range(5):
+            x @ x
+        timings[dt] = time.perf_counter() - t0
+    return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise UsageError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if not 0.0 < cfg.ema_rate < 1.0:
+        raise UsageError(f"--ema-rate must lie in (0, 1), got {cfg.ema_rate}")
+    if cfg.checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every must be at least 1, got {cfg.checkpoint_every}")
+
+
+def _to_numpy(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, np.ndarray]:
+    return {prefix + k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+            for k, v in sd.items()}
+
+
+def _validation_batch(val: SliceSet, n: int, seed: int, num_steps: int):
+    """A fixed validation batch: up to n slices (tumour slices first), spread timesteps, fixed noise."""
+    rng = np.random.default_rng(seed + 1)
+    order = np.concatenate([rng.permutation(np.flatnonzero(val.has_tumour)),
+                            rng.permutation(np.flatnonzero(~val.has_tumour))])[:n]
+    t = np.linspace(0, num_steps - 1, len(order)).round().astype(np.int64)
+    noise = rng.standard_normal(val.masks[order].shape).astype(np.float32)
+    return (torch.from_numpy(val.images[order]), torch.from_numpy(val.masks[order]), torch.from_numpy(t),
+            torch.from_numpy(noise))
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
+          on_log: Callable[[dict], None] | None = None) -> Path:
+    """Train (or resume) a run in `cfg.out`; returns the path of model.safetensors."""
+    out = Path(cfg.out)
+    if resume:
+        prev = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                              for k, v in json.loads((out / "config.json").read_text()).items()}) \
+            if (out / "config.json").exists() else None
+        if prev is None or not (out / "state.safetensors").exists():
+            raise UsageError(f"nothing to resume in {out}", fix="run without --resume to start a new run")
+        changes = {k: getattr(cfg, k) for k in TrainConfig.RESUMABLE}
+        cfg = dataclasses.replace(prev, **changes)
+    else:
+        cfg = cfg.resolved()
+        if (out / "state.safetensors").exists():
+            raise UsageError(f"{out} already holds a training run", fix="pass --resume to continue it, or another --out")
+    _check(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    preset = get_preset(cfg.preset)
+    card = build_card(preset, cfg.modalities)
+
+    cases, skipped = labelled_cases(cfg.data, cfg.modalities)
+    if not cfg.split:
+        tr_ids, val_ids = split_cases([c.case_id for c in cases], val_cases=cfg.val_cases or None,
+                                      val_count=None if cfg.val_count < 0 else cfg.val_count, seed=cfg.seed)
+        cfg = dataclasses.replace(cfg, split={"train": tr_ids, "val": val_ids})
+    by_id = {c.case_id: c for c in cases}
+    missing = [i for i in cfg.split["train"] + cfg.split["val"] if i not in by_id]
+    if missing:
+        raise DatasetError(f"cases {missing} of this run's split are not in --data", path=cfg.data)
+    limit = cfg.max_slices_per_case or None
+    train_set = load_slices([by_id[i] for i in cfg.split["train"]], card, max_slices_per_case=limit)
+    val_set = load_slices([by_id[i] for i in cfg.split["val"]], card, max_slices_per_case=limit) \
+        if cfg.split["val"] else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json())
+
+    torch.manual_seed(cfg.seed)
+    model = UNetModel(card.architecture)
+    ema = UNetModel(card.architecture)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = BatchSampler(train_set, cfg.batch_size, tumour_weight=preset.tumour_weight, flip=cfg.flip,
+                           seed=cfg.seed)
+    step = 0
+    if resume:
+        step = _load_state(out / "state.safetensors", model, ema, opt, gen, sampler)
+    else:
+        ema.load_state_dict(model.state_dict())
+    ema.eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_is_faster())
+    tables = TorchTables(tables_for(card.diffusion.schedule, card.diffusion.timesteps))
+    val_batch = _validation_batch(val_set, 48, cfg.seed, tables.num_steps) if val_set is not None else None
+    log_f = open(out / "train_log.jsonl", "a")
+
+    def log(rec: dict) -> None:
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
+        if on_log:
+            on_log(rec)
+
+    if step == 0:
+        log({"event": "start", "train_slices": len(train_set), "val_slices": len(val_set) if val_set else 0,
+             "train_cases": cfg.split["train"], "val_cases": cfg.split["val"], "skipped": skipped,
+             "params": sum(p.numel() for p in model.parameters()), "bf16": bf16})
+
+    def checkpoint() -> dict:
+        val = _validate(ema, tables, val_batch, bf16) if val_batch is not None else {}
+        info = {"steps": step, "preset": cfg.preset, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                "ema_rate": cfg.ema_rate, "bf16": bf16, "seed": cfg.seed, "train_cases": cfg.split["train"],
+                "val_cases": cfg.split["val"], **{f"val_{k}": v for k, v in val.items()}}
+        save_weights(out / "model.safetensors", _to_numpy(ema.state_dict()), card.replace(training=info))
+        _save_state(out / "state.safetensors", model, ema, opt, gen, sampler, step, card)
+        log({"event": "checkpoint", "step": step, **{f"val_{k}": v for k, v in val.items()}})
+        return val
+
+    model.train()
+    t_last, mse_acc, vb_acc, n_acc = time.monotonic(), 0.0, 0.0, 0
+    with ProgressBar(cfg.steps, f"training {cfg.preset}", unit="step", quiet=quiet, initial=step) as bar:
+        while step < cfg.steps:
+            img, msk = (torch.from_numpy(a) for a in sampler.next())
+            t = torch.randint(0, tables.num_steps, (cfg.batch_size,), generator=gen)
+            noise = torch.randn(msk.shape, generator=gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                terms = hybrid_loss(model, tables, img, msk, t, noise)
+            loss = terms.loss.mean()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.mul_(cfg.ema_rate).add_(pm.detach(), alpha=1 - cfg.ema_rate)
+            step += 1
+            mse_acc += terms.mse.mean().item()
+            vb_acc += terms.vb.mean().item()
+            n_acc += 1
+            bar.advance(1, loss=round(mse_acc / n_acc + vb_acc / n_acc, 5))
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.monotonic()
+                log({"event": "train", "step": step, "mse": mse_acc / n_acc, "vb": vb_acc / n_acc,
+                     "steps_per_s": n_acc / max(now - t_last, 1e-9)})
+                t_last, mse_acc, vb_acc, n_acc = now, 0.0, 0.0, 0
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint()
+    log_f.close()
+    return out / "model.safetensors"
+
+
+@torch.no_grad()
+def _validate(model, tables, batch, bf16: bool) -> dict:
+    img, msk, t, noise = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        terms = hybrid_loss(model, tables, img, msk, t, noise)
+    return {"mse": float(terms.mse.mean()), "vb": float(terms.vb.mean())}
+
+
+def _save_state(path: Path, model, ema, opt, gen, sampler, step: int, card: ModelCard) -> None:
+    tensors = {**_to_numpy(model.state_dict(), "model."), **_to_numpy(ema.state_dict(), "ema.")}
+    for i, st in opt.state_dict()["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            tensors[f"opt.{i}.{k}"] = st[k].float().numpy()
+        tensors[f"opt.{i}.step"] = np.asarray([float(st["step"])], np.float64)
+    tensors["rng.torch"] = gen.get_state().numpy()
+    meta = {STATE_KEY: json.dumps({"step": step, "sampler": sampler.state()})}
+    save_weights(path, tensors, card, extra_metadata=meta)
+
+
+def _load_state(path: Path, model, ema, opt, gen, sampler) -> int:
+    tensors, _ = load_weights(path)
+    meta = json.loads(read_metadata(path)[STATE_KEY])
+    def sub(prefix):
+        return {k[len(prefix):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith(prefix)}
+    model.load_state_dict(sub("model."), strict=True)
+    ema.load_state_dict(sub("ema."), strict=True)
+    osd = opt.state_dict()
+    osd["state"] = {int(i): {"step": torch.tensor(float(tensors[f"opt.{i}.step"][0])),
+                             "exp_avg": torch.from_numpy(tensors[f"opt.{i}.exp_avg"]),
+                             "exp_avg_sq": torch.from_numpy(tensors[f"opt.{i}.exp_avg_sq"])}
+                    for i in osd["param_groups"][0]["params"] if f"opt.{i}.step" in tensors}
+    opt.load_state_dict(osd)
+    gen.set_state(torch.from_numpy(tensors["rng.torch"]))
+    sampler.set_state(meta["sampler"])
+    return int(meta["step"])

@@ -1,0 +1,52 @@
+"""One whole denoising step as a torch module: the network call and the fused update, for export.
+
+Owns: `DenoisingStep` — (image [B,C,H,W], x_t [B,1,H,W], timestep [B], coef [B,8], noise [B,1,H,W]) -> x_prev
+[B,1,H,W]. The update is the generic form of `diffseg_engine.schedule` (same coefficient columns,
+`COEF_NAMES`), so one graph serves DDPM with learned variance, respaced DDPM and DDIM(η); exported to ONNX it
+runs the per-step update in compiled code with the network.
+Imports: torch, `train.unet`, `diffseg_engine.card`, `diffseg_engine.schedule`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffseg_engine.card import ModelCard
+from diffseg_engine.schedule import COEF_NAMES
+
+from .unet import UNetModel
+
+assert COEF_NAMES == ("a", "b", "c_x0", "c_x", "min_log", "max_log", "g_learned", "g_fixed"), COEF_NAMES
+
+
+class DenoisingStep(nn.Module):
+    def __init__(self, net: UNetModel, card: ModelCard):
+        super().__init__()
+        self.net = net
+        d = card.diffusion
+        self.clip = (float(d.clip_low), float(d.clip_high)) if d.clip_denoised else None
+        self.learn_sigma = card.architecture.learn_sigma
+
+    def forward(self, image: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor, coef: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+        out = self.net(torch.cat([image, x_t], dim=1), timestep)          # network call
+        eps = out[:, 0:1]
+        c = coef.reshape(coef.shape[0], coef.shape[1], 1, 1)              # [B, 8, 1, 1]
+        x0 = c[:, 0:1] * x_t - c[:, 1:2] * eps                             # update step, fused
+        if self.clip is not None:
+            x0 = torch.clamp(x0, self.clip[0], self.clip[1])
+        if self.learn_sigma:
+            frac = (out[:, 1:2] + 1.0) * 0.5
+            log_var = frac * c[:, 5:6] + (1.0 - frac) * c[:, 4:5]
+            std = c[:, 6:7] * torch.exp(0.5 * log_var) + c[:, 7:8]
+        else:
+            std = c[:, 7:8]
+        return c[:, 2:3] * x0 + c[:, 3:4] * x_t + std * noise
+
+
+def build_step(card: ModelCard, tensors: dict) -> DenoisingStep:
+    """A DenoisingStep in eval mode with weights `tensors` (numpy or torch) loaded strictly."""
+    from .unet import load_state_dict_strict
+    net = UNetModel(card.architecture)
+    load_state_dict_strict(net, {k: torch.as_tensor(v) for k, v in tensors.items()})
+    return DenoisingStep(net, card).eval()
