@@ -38,12 +38,11 @@ def _handle_errors(fn: Callable) -> Callable:
 
 
 def _need_torch(extra: str) -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
         from .errors import BackendError
-        raise BackendError(f"this command needs PyTorch, which is not installed",
-                           fix=f"pip install 'diffseg-engine[{extra}]' (CPU: pip install torch==2.13.0)") from None
+        raise BackendError("this command needs PyTorch, which is not installed",
+                           fix=f"pip install 'diffseg-engine[{extra}]' (CPU: pip install torch==2.13.0)")
 
 
 @app.command()
@@ -83,6 +82,79 @@ def train(
         threads=threads)
     path = run_training(cfg, resume=resume, quiet=quiet)
     typer.echo(f"model written to {path}")
+
+
+@app.command()
+@_handle_errors
+def export(
+    model: Path = typer.Argument(..., help="Run folder, model.safetensors, or a paper-code checkpoint (.pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .onnx (default: beside the weights)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle",
+                                      help="Allow full unpickling of a .pt file (runs code from the file!)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Check ONNX Runtime against torch (max abs error)."),
+) -> None:
+    """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside."""
+    _need_torch("export")
+    from .export.onnx_export import check_parity, export_onnx
+    from .errors import ModelFileError
+    weights = model / "model.safetensors" if model.is_dir() else model
+    if weights.suffix in (".pt", ".pth"):
+        from .export.paper_checkpoint import convert_checkpoint
+        weights = convert_checkpoint(weights, weights.with_suffix(".safetensors"), trust_pickle=trust_pickle)
+        typer.echo(f"converted {model} -> {weights}")
+    elif weights.suffix != ".safetensors":
+        raise ModelFileError("expected a run folder, a .safetensors file or a .pt checkpoint", path=model)
+    target = out or weights.with_suffix(".onnx")
+    export_onnx(weights, target)
+    typer.echo(f"wrote {target}")
+    if check:
+        err = check_parity(weights, target)
+        if err > 1e-4:
+            raise ModelFileError(f"ONNX output differs from torch by {err:.2e} (> 1e-4)", path=target)
+        typer.echo(f"parity: max |onnxruntime - torch| = {err:.2e}")
+
+
+@app.command()
+@_handle_errors
+def segment(
+    inputs: List[Path] = typer.Argument(None, help="A case folder, a 3D NIfTI (single-modality model) or a 4D "
+                                                   "NIfTI with modalities on the last axis."),
+    modality: List[str] = typer.Option([], "--modality", "-m", help="NAME=PATH, repeated (flair=..., t1=...)."),
+    out: Path = typer.Option(Path("diffseg-out"), "--out", "-o", help="Output folder."),
+    model: Optional[Path] = typer.Option(None, "--model", help=".onnx or .safetensors (default: the shipped model)."),
+    n: int = typer.Option(5, "--n", help="Ensemble size: samples per slice."),
+    sampler: str = typer.Option("ddim", help="ddpm (the paper's, with learned variance) | ddim."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 1000 for ddpm, 50 for ddim)."),
+    eta: float = typer.Option(0.0, help="DDIM eta (0: deterministic update)."),
+    seed: int = typer.Option(0, help="Seed: same seed, same masks, whatever the batch size."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    batch_size: int = typer.Option(0, help="Work items per engine call (0: from available memory)."),
+    save_samples: bool = typer.Option(False, "--save-samples", help="Also write every member's mask (4D uint8)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace results already in --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Segment one case: ensemble mean, variance and mask NIfTI on the input grid, plus provenance JSON."""
+    from .segment import open_model, resolve_case, segment_case
+    from .sampler import plan_sampling
+    from .errors import UsageError
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    if batch_size < 0:
+        raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {batch_size}")
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed must lie in [0, 2**63), got {seed}")
+    eng = open_model(model, backend, device)
+    case = resolve_case(list(inputs or []), modality, eng.card)
+    plan = plan_sampling(eng.card, sampler, steps if steps is not None else (50 if sampler == "ddim" else None), eta)
+    res = segment_case(case, eng, out, n=n, plan=plan, seed=seed, batch_size=batch_size, overwrite=overwrite,
+                       quiet=quiet, save_samples=save_samples, command=" ".join(sys.argv))
+    if not quiet:
+        t = res.provenance["timings"]
+        typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels; sampling {t['sampling_s']:.1f} s; "
+                   f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import InputImageError, OutputError
 
 #: Largest image accepted, in voxels (checked from the header before any data is read).
@@ -202,27 +202,14 @@ def save_like(reference: LoadedImage, array: np.ndarray, path: str | os.PathLike
     img = type(reference.image)(out, reference.image.affine, hdr)
     img.header["pixdim"] = reference.image.header["pixdim"]  # set_data_shape resets unused pixdim entries
     blob = img.to_bytes()
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             if name.endswith(".gz"):
                 with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=1, mtime=0) as gz:
                     gz.write(blob)
             else:
                 f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
     except OSError as exc:
         raise OutputError(f"cannot be written ({exc.strerror or exc})", path=path,
                           fix="check the output folder exists, is writable and has free space") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     return path

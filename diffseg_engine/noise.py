@@ -39,5 +39,5 @@ class BatchNoise:
 
     def draw(self) -> np.ndarray:
         for i, g in enumerate(self.gens):
-            g.standard_normal(out=self._buf[i, 0])
+            g.standard_normal(dtype=np.float32, out=self._buf[i, 0])
         return self._buf

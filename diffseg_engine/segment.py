@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import tempfile
 import time
@@ -21,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_write
 from .backends.base import StepBackend, open_backend
 from .card import ModelCard
 from .cases import canonical_modality, classify_file, find_case
@@ -29,7 +29,7 @@ from .noise import NoiseStreams
 from .nifti_io import LoadedImage, load_image
 from .preprocess import prepare_case, restore
 from .progress import ProgressBar
-from .sampler import SamplingPlan, plan_sampling, sample_ensemble
+from .sampler import SamplingPlan, sample_ensemble
 
 OUTPUT_SUFFIXES = ("mean", "variance", "mask", "provenance")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"
@@ -62,7 +62,6 @@ def _case_id_from_file(path: Path) -> str:
 
 
 def _split_4d(loaded: LoadedImage) -> list[LoadedImage]:
-    import nibabel as nib
     parts = []
     for c in range(loaded.data.shape[-1]):
         vol = np.ascontiguousarray(loaded.data[..., c])
@@ -172,16 +171,8 @@ def output_paths(out_dir: Path, case_id: str) -> dict[str, Path]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
 
 def _versions() -> dict:
@@ -289,7 +280,6 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
 
 
 def _save_samples(reference: LoadedImage, prepared, samples: np.ndarray, path: Path) -> None:
-    import nibabel as nib
     from .nifti_io import save_like
     vols = [restore(prepared, samples[:, m]) for m in range(samples.shape[1])]
     arr = (np.stack(vols, axis=-1) > 0.5).astype(np.uint8)

@@ -14,12 +14,12 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from .atomic import atomic_write
 from .card import CARD_KEY, ModelCard
 from .errors import ModelFileError
 
@@ -63,19 +63,11 @@ def save_weights(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], car
     blob += b" " * (-len(blob) % 8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name in sorted(arrays):
-                f.write(arrays[name].tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in sorted(arrays):
+            f.write(arrays[name].tobytes())
     return card
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffseg_engine.atomic import atomic_write
 from diffseg_engine.backends.base import STEP_INPUTS, STEP_OUTPUT
 from diffseg_engine.card import CARD_KEY, ModelCard
 from diffseg_engine.errors import ModelFileError
@@ -43,7 +44,7 @@ def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     ex = example_inputs(card, 2)
     args = tuple(torch.from_numpy(ex[k]) for k in STEP_INPUTS)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".trace.tmp", dir=out.parent)
     os.close(fd)
     try:
         with torch.no_grad():
@@ -58,13 +59,10 @@ def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path) ->
             entry = model.metadata_props.add()
             entry.key, entry.value = k, v
         model.producer_name = "diffseg-engine"
-        onnx.save(model, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
+        with atomic_write(out) as f:
+            f.write(model.SerializeToString())
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 
