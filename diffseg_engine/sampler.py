@@ -51,10 +51,21 @@ def plan_sampling(card: ModelCard, sampler: str = "ddpm", steps: int | None = No
         raise UsageError(f"--eta must lie in [0, 1], got {eta}")
     tables = tables_for(card.diffusion.schedule, T)
     if steps != T:
-        tables = respace(tables, space_timesteps(T, f"ddim{steps}" if sampler == "ddim" else [steps]))
+        tables = respace(tables, kept_timesteps(T, sampler, steps))
     coefs = ddpm_coefficients(tables, learn_sigma=card.architecture.learn_sigma) if sampler == "ddpm" \
         else ddim_coefficients(tables, eta)
     return SamplingPlan(sampler, steps, float(eta), coefs.astype(np.float32), model_timesteps(tables))
+
+
+def kept_timesteps(T: int, sampler: str, steps: int) -> set[int]:
+    """Which of the T steps run: DDIM uses improved-diffusion's integer stride ("ddimK") where one gives
+    exactly K steps, else (as DDPM always) K evenly spaced steps (`space_timesteps(T, [K])`)."""
+    if sampler == "ddim":
+        try:
+            return space_timesteps(T, f"ddim{steps}")
+        except UsageError:
+            pass
+    return space_timesteps(T, [steps])
 
 
 def work_items(num_slices: int, members: int) -> list[tuple[int, int]]:

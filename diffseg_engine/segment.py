@@ -31,8 +31,9 @@ from .preprocess import prepare_case, restore
 from .progress import ProgressBar
 from .sampler import SamplingPlan, sample_ensemble
 
-OUTPUT_SUFFIXES = ("mean", "variance", "mask", "provenance")
+OUTPUT_SUFFIXES = ("mean", "variance", "mask", "provenance", "overview")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"
+DEMO_INPUT = Path(__file__).resolve().parent / "demo" / "TCGA-DU-7294_flair.nii.gz"
 
 
 @dataclass
@@ -167,7 +168,8 @@ def default_batch_size(card: ModelCard, work_items: int) -> int:
 
 def output_paths(out_dir: Path, case_id: str) -> dict[str, Path]:
     return {"mean": out_dir / f"{case_id}_mean.nii.gz", "variance": out_dir / f"{case_id}_variance.nii.gz",
-            "mask": out_dir / f"{case_id}_mask.nii.gz", "provenance": out_dir / f"{case_id}_provenance.json"}
+            "mask": out_dir / f"{case_id}_mask.nii.gz", "provenance": out_dir / f"{case_id}_provenance.json",
+            "overview": out_dir / f"{case_id}_overview.png"}
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -207,7 +209,7 @@ class SegmentResult:
 
 def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int = 5, plan: SamplingPlan,
                  seed: int = 0, batch_size: int = 0, overwrite: bool = False, quiet: bool = False,
-                 save_samples: bool = False, command: str = "",
+                 save_samples: bool = False, overview: bool = True, command: str = "",
                  progress_factory: Callable[..., ProgressBar] = ProgressBar) -> SegmentResult:
     """Sample an ensemble of `n` masks for every brain slice of `case` and write the maps to `out_dir`."""
     card = backend.card
@@ -264,6 +266,17 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
     if samples is not None:
         paths["samples"] = out_dir / f"{case.case_id}_samples.nii.gz"
         _save_samples(case.reference, prepared, samples, paths["samples"])
+    if not overview:
+        paths.pop("overview")
+    else:
+        try:
+            from .overview import write_overview
+            paths["overview"] = write_overview(
+                out_dir / f"{case.case_id}_overview.png", case.images[-1].data, mean, variance,
+                case.reference.affine, image_label=card.modalities[-1],
+                title=f"{case.case_id} — {card.name}, {plan.sampler} {plan.steps} steps, N={n}, seed {seed}")
+        except ImportError:  # matplotlib missing: the maps are written, the picture is skipped
+            paths.pop("overview")
     timings["write_s"] = time.perf_counter() - t2
     prov = {
         "case_id": case.case_id, "complete": True, "inputs": case.sources,

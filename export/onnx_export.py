@@ -85,3 +85,16 @@ def check_parity(weights: str | Path, onnx_path: str | Path, *, batch: int = 3, 
     if not np.isfinite(err):
         raise ModelFileError("ONNX output is not finite", path=onnx_path)
     return err
+
+
+def export_network_only(weights: str | Path, out: str | Path) -> Path:
+    """The bare U-Net (x [B, C+1, H, W], timestep [B]) -> [B, 2, H, W], for measuring the network alone."""
+    tensors, card = load_weights(weights)
+    net = build_step(card, tensors).net.eval()
+    ex = example_inputs(card, 2)
+    x = torch.from_numpy(np.concatenate([ex["image"], ex["x_t"]], axis=1))
+    with torch.no_grad():
+        torch.onnx.export(net, (x, torch.from_numpy(ex["timestep"])), str(out), input_names=["x", "timestep"],
+                          output_names=["out"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"x": {0: "batch"}, "timestep": {0: "batch"}, "out": {0: "batch"}})
+    return Path(out)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from diffseg_engine.card import ModelCard
-from diffseg_engine.schedule import respace, space_timesteps, tables_for
+from diffseg_engine.sampler import kept_timesteps
+from diffseg_engine.schedule import respace, tables_for
 
 from .unet import UNetModel
 
@@ -22,7 +23,7 @@ def reference_tables(card: ModelCard, sampler: str, steps: int):
     T = card.diffusion.timesteps
     tables = tables_for(card.diffusion.schedule, T)
     if steps != T:
-        tables = respace(tables, space_timesteps(T, f"ddim{steps}" if sampler == "ddim" else [steps]))
+        tables = respace(tables, kept_timesteps(T, sampler, steps))
     return tables
 
 
