@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,8 @@ def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".trace.tmp", dir=out.parent)
     os.close(fd)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
             torch.onnx.export(step.eval(), args, tmp, input_names=list(STEP_INPUTS), output_names=[STEP_OUTPUT],
                               dynamic_axes={**{k: {0: "batch"} for k in STEP_INPUTS}, STEP_OUTPUT: {0: "batch"}},
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
@@ -93,7 +95,8 @@ def export_network_only(weights: str | Path, out: str | Path) -> Path:
     net = build_step(card, tensors).net.eval()
     ex = example_inputs(card, 2)
     x = torch.from_numpy(np.concatenate([ex["image"], ex["x_t"]], axis=1))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(net, (x, torch.from_numpy(ex["timestep"])), str(out), input_names=["x", "timestep"],
                           output_names=["out"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={"x": {0: "batch"}, "timestep": {0: "batch"}, "out": {0: "batch"}})

@@ -23,3 +23,25 @@ def shared_data() -> Path:
     if d is None:
         pytest.skip("real BraTS data not found: set DIFFSEG_SHARED_DATA or place it at ../shared/data")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A FLAIR-only `tiny` model with random non-trivial weights: (safetensors path, onnx path)."""
+    import torch
+
+    from diffseg_engine.export.onnx_export import export_onnx
+    from diffseg_engine.train.presets import build_card, get_preset
+    from diffseg_engine.train.unet import UNetModel
+    from diffseg_engine.weights import save_weights
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    card = build_card(get_preset("tiny"), ("flair",))
+    torch.manual_seed(0)
+    net = UNetModel(card.architecture)
+    with torch.no_grad():
+        for p in net.parameters():  # output convs start at zero: perturb so outputs are not trivial
+            p.add_(0.05 * torch.randn_like(p))
+    weights = d / "tiny.safetensors"
+    save_weights(weights, {k: v.numpy() for k, v in net.state_dict().items()}, card)
+    return weights, export_onnx(weights, d / "tiny.onnx")
