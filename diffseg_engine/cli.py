@@ -92,6 +92,9 @@ def export(
     trust_pickle: bool = typer.Option(False, "--trust-pickle",
                                       help="Allow full unpickling of a .pt file (runs code from the file!)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Check ONNX Runtime against torch (max abs error)."),
+    modalities: str = typer.Option("t1,t1ce,t2,flair", help="For .pt checkpoints: the image channels, in order."),
+    num_heads: int = typer.Option(1, help="For .pt checkpoints: attention heads (not stored in the weights; "
+                                          "the paper's README uses 1)."),
 ) -> None:
     """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside."""
     _need_torch("export")
@@ -100,7 +103,9 @@ def export(
     weights = model / "model.safetensors" if model.is_dir() else model
     if weights.suffix in (".pt", ".pth"):
         from .export.paper_checkpoint import convert_checkpoint
-        weights = convert_checkpoint(weights, weights.with_suffix(".safetensors"), trust_pickle=trust_pickle)
+        weights = convert_checkpoint(weights, weights.with_suffix(".safetensors"), trust_pickle=trust_pickle,
+                                     num_heads=num_heads,
+                                     modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()))
         typer.echo(f"converted {model} -> {weights}")
     elif weights.suffix != ".safetensors":
         raise ModelFileError("expected a run folder, a .safetensors file or a .pt checkpoint", path=model)
@@ -155,6 +160,43 @@ def segment(
         t = res.provenance["timings"]
         typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels; sampling {t['sampling_s']:.1f} s; "
                    f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
+
+
+@app.command()
+@_handle_errors
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="Folder of labelled cases (any layout of ../shared/data)."),
+    out: Path = typer.Option(Path("diffseg-eval"), "--out", "-o", help="Report folder."),
+    predictions: Optional[Path] = typer.Option(None, help="Score this existing prediction folder instead of segmenting."),
+    model: Optional[Path] = typer.Option(None, "--model", help=".onnx or .safetensors (default: the shipped model)."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    n: int = typer.Option(5, "--n", help="Ensemble size."),
+    sampler: str = typer.Option("ddim", help="ddpm | ddim."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 1000 for ddpm, 50 for ddim)."),
+    eta: float = typer.Option(0.0, help="DDIM eta."),
+    seed: int = typer.Option(0, help="Seed."),
+    batch_size: int = typer.Option(0, help="Work items per engine call (0: automatic)."),
+    policy: str = typer.Option("brats", help="Empty-mask policy: brats (both empty: Dice 1, HD95 0; one empty: "
+                                             "Dice 0, HD95 373.13) | nan (undefined values left out)."),
+    sizes: Optional[str] = typer.Option(None, help="Ensemble sizes for the Dice-vs-N curve, e.g. 1,5,10."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Score segmentations against ground truth (the paper's per-slice protocol and 3D), with uncertainty metrics."""
+    from .evaluate import evaluate_folder
+    eng = plan = None
+    if predictions is None:
+        from .sampler import plan_sampling
+        from .segment import open_model
+        eng = open_model(model, backend, device)
+        plan = plan_sampling(eng.card, sampler, steps if steps is not None else (50 if sampler == "ddim" else None), eta)
+    res = evaluate_folder(data, out, predictions=predictions, backend=eng, plan=plan, n=n, seed=seed,
+                          batch_size=batch_size, policy=policy,
+                          ensemble_sizes=[int(k) for k in sizes.split(",")] if sizes else None,
+                          overwrite=overwrite, quiet=quiet, command=" ".join(sys.argv))
+    for k, p in res.reports.items():
+        typer.echo(f"  {k:<10} {p}")
 
 
 @app.command()

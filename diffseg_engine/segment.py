@@ -237,7 +237,8 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    prepared = prepare_case([im.data for im in case.images], case.reference.affine, card.preprocessing)
+    prepared = prepare_case([im.data for im in case.images], case.reference.affine, card.preprocessing,
+                            names=[im.path for im in case.images])  # errors name the file at fault
     timings["preprocess_s"] = time.perf_counter() - t0
     S = len(prepared.inputs)
     items = S * n
@@ -260,6 +261,8 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
     variance = restore(prepared, stats.variance).astype(np.float32)
     mask = (mean > 0.5).astype(np.uint8)
     from .nifti_io import save_like
+    # the provenance file marks a complete set: an old one must not vouch for maps half replaced (--overwrite)
+    paths["provenance"].unlink(missing_ok=True)
     save_like(case.reference, mean, paths["mean"], np.float32)
     save_like(case.reference, variance, paths["variance"], np.float32)
     save_like(case.reference, mask, paths["mask"], np.uint8)

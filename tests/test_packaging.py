@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 RUNTIME_MODULES = [
     "diffseg_engine", "diffseg_engine.cli", "diffseg_engine.card", "diffseg_engine.errors",
     "diffseg_engine.weights", "diffseg_engine.schedule", "diffseg_engine.nifti_io", "diffseg_engine.cases",
-    "diffseg_engine.preprocess", "diffseg_engine.progress",
+    "diffseg_engine.preprocess", "diffseg_engine.progress", "diffseg_engine.sampler", "diffseg_engine.segment",
+    "diffseg_engine.metrics", "diffseg_engine.evaluate", "diffseg_engine.backends.ort", "diffseg_engine.overview",
 ]
 
 

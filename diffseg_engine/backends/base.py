@@ -6,6 +6,7 @@ lazily, so choosing one never loads another.
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -51,7 +52,12 @@ class StepBackend(ABC):
 
 
 def open_backend(name: str, model: str | Path, *, device: str = "auto") -> StepBackend:
-    """Open `model` (.onnx or .safetensors) on backend `name` ("onnxruntime" | "torch")."""
+    """Open `model` (.onnx or .safetensors) on backend `name` ("onnxruntime" | "torch").
+
+    device: "auto" (CUDA where it works, else CPU), "cpu", "cuda" or "cuda:N"; anything else is a UsageError
+    (it would otherwise run on the CPU silently)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"unknown --device {device!r}", fix="use auto, cpu, cuda or cuda:N")
     if name == "onnxruntime":
         from .ort import OnnxRuntimeBackend
         return OnnxRuntimeBackend.load(model, device=device)

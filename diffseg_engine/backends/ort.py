@@ -74,7 +74,9 @@ class OnnxRuntimeBackend(StepBackend):
         else:
             providers = ["CPUExecutionProvider"]
         sess = _session(path, providers, opts)
-        if want_cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime-gpu lists the CUDA provider even where CUDA cannot start; an explicit --device cuda must
+        # not run on the CPU silently, but `auto` means "CUDA if it works", so there the CPU session stands.
+        if device.startswith("cuda") and sess.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendError(f"onnxruntime fell back to {sess.get_providers()[0]} although CUDA was requested",
                                fix="check the CUDA/cuDNN libraries onnxruntime-gpu needs, or use --device cpu")
         return cls(sess, _card_of(sess, path), path)

@@ -31,8 +31,12 @@ class TorchBackend(StepBackend):
         if path.suffix == ".onnx":
             raise ModelFileError("the torch backend needs the safetensors weights, not an ONNX file", path=path,
                                  fix="pass the .safetensors file, or use --backend onnxruntime")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError(f"--device {device}: PyTorch has no usable CUDA device here",
+                               fix="install a CUDA build of torch, or use --device cpu")
         tensors, card = load_weights(path)
-        dev = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        dev = device if device.startswith("cuda") else "cuda" if device == "auto" and torch.cuda.is_available() \
+            else "cpu"
         return cls(build_step(card, tensors).to(dev), card, dev)
 
     @property
@@ -42,6 +46,6 @@ class TorchBackend(StepBackend):
     def infer(self, image, x_t, timestep, coef, noise) -> np.ndarray:
         import torch
         with torch.inference_mode():
-            args = [torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(self._device)
+            args = [torch.from_numpy(np.require(a, np.float32, ("C", "W"))).to(self._device)  # W: no read-only views
                     for a in (image, x_t, timestep, coef, noise)]
             return self.step(*args).float().cpu().numpy()
