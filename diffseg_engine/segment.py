@@ -8,7 +8,6 @@ opened through `backends.open_backend` only when asked for).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import tempfile
@@ -30,6 +29,7 @@ from .nifti_io import LoadedImage, load_image
 from .preprocess import prepare_case, restore
 from .progress import ProgressBar
 from .sampler import SamplingPlan, sample_ensemble
+from .weights import file_sha256 as _sha256
 
 OUTPUT_SUFFIXES = ("mean", "variance", "mask", "provenance", "overview")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"
@@ -187,14 +187,6 @@ def _versions() -> dict:
     except ImportError:
         pass
     return v
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

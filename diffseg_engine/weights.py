@@ -32,6 +32,15 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a whole file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def weights_digest(tensors: Mapping[str, np.ndarray]) -> str:
     """sha256 over names, dtypes, shapes and little-endian bytes of all tensors, in sorted name order."""
     h = hashlib.sha256()

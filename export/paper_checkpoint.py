@@ -11,7 +11,6 @@ Imports: torch, `diffseg_engine.train.unet`, runtime ground floor (card, weights
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -28,6 +27,7 @@ from diffseg_engine.errors import DiffsegError, ModelFileError
 from diffseg_engine.weights import save_weights
 
 from ..train.unet import UNetModel, infer_architecture, load_state_dict_strict, unwrap_state_dict
+from diffseg_engine.weights import file_sha256 as _sha256
 
 __all__ = ["convert_checkpoint", "load_checkpoint", "PAPER_MODALITIES"]
 
@@ -104,14 +104,6 @@ def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> t
         raise
     except Exception as exc:  # the file's own code may raise anything
         raise _corrupt(path, exc) from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert_checkpoint(pt_path: str | os.PathLike, out_path: str | os.PathLike, *, trust_pickle: bool = False,
