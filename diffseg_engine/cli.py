@@ -67,6 +67,11 @@ def train(
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Random left-right flips."),
     max_slices_per_case: int = typer.Option(0, help="Use at most N slices per case (0: all brain slices)."),
     threads: int = typer.Option(0, help="Torch threads (0: all cores)."),
+    device: str = typer.Option("auto", help="auto (CUDA when PyTorch sees it) | cpu | cuda | cuda:N."),
+    max_minutes: float = typer.Option(0.0, help="Stop after this many minutes of training, with a checkpoint "
+                                                "(continue later with --resume); 0: no limit."),
+    objective: str = typer.Option("diffusion", help="diffusion (the DDPM) | segmentation (a deterministic U-Net "
+                                                    "of the same backbone: the baseline of the README's table)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to --steps."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -79,7 +84,7 @@ def train(
         steps=steps, batch_size=batch_size, lr=lr, ema_rate=ema_rate, checkpoint_every=checkpoint_every, log_every=log_every,
         val_cases=tuple(v.strip() for v in val_cases.split(",") if v.strip()) if val_cases else (),
         val_count=val_count, seed=seed, precision=precision, flip=flip, max_slices_per_case=max_slices_per_case,
-        threads=threads)
+        threads=threads, device=device, max_minutes=max_minutes, objective=objective)
     path = run_training(cfg, resume=resume, quiet=quiet)
     typer.echo(f"model written to {path}")
 

@@ -26,11 +26,12 @@ from diffseg_engine.schedule import tables_for
 from diffseg_engine.weights import load_weights, read_metadata, save_weights
 
 from .data import BatchSampler, SliceSet, labelled_cases, load_slices, split_cases
-from .losses import TorchTables, hybrid_loss
+from .losses import TorchTables, hybrid_loss, segmentation_loss
 from .presets import build_card, get_preset
 from .unet import UNetModel
 
 STATE_KEY = "diffseg_train_state"
+OBJECTIVES = ("diffusion", "segmentation")
 
 
 @dataclass
@@ -52,10 +53,13 @@ class TrainConfig:
     flip: bool = True
     max_slices_per_case: int = 0  # 0: all brain slices
     threads: int = 0  # 0: all cores
+    device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much training time; 0: no limit
+    objective: str = "diffusion"  # "diffusion" (the DDPM) | "segmentation" (deterministic U-Net baseline)
     split: dict = field(default_factory=dict)  # filled in: {"train": [...], "val": [...]}
 
     # what may differ between the first run and a --resume
-    RESUMABLE = ("steps", "checkpoint_every", "log_every", "threads")
+    RESUMABLE = ("steps", "checkpoint_every", "log_every", "threads", "device", "max_minutes")
 
     def resolved(self) -> "TrainConfig":
         p = get_preset(self.preset)
@@ -92,9 +96,38 @@ def _check(cfg: TrainConfig) -> None:
         raise UsageError(f"--ema-rate must lie in (0, 1), got {cfg.ema_rate}")
     if cfg.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every must be at least 1, got {cfg.checkpoint_every}")
+    if cfg.objective not in OBJECTIVES:
+        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.max_minutes < 0:
+        raise UsageError(f"--max-minutes must not be negative, got {cfg.max_minutes}")
+    resolve_device(cfg.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> the first CUDA device when PyTorch sees one, else the CPU; 'cuda' without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: PyTorch sees no CUDA device here",
+                             fix="install a CUDA build of torch, or pass --device cpu")
+        return torch.device(name)
+    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: on request; for 'auto', on GPUs that support it and on CPUs where it measures faster."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bf16_is_faster()
 
 
 def _to_numpy(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, np.ndarray]:
+    """State dict -> float32 / integer numpy arrays on the CPU."""
     return {prefix + k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
             for k, v in sd.items()}
 
@@ -149,24 +182,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
     (out / "config.json").write_text(cfg.to_json())
 
     torch.manual_seed(cfg.seed)
-    model = UNetModel(card.architecture)
-    ema = UNetModel(card.architecture)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = UNetModel(card.architecture).to(device)
+    ema = UNetModel(card.architecture).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # Timesteps and noise come from a generator on the training device (a CPU generator would make the GPU
+    # wait for the host every step); its state is saved with the run.
+    gen = torch.Generator(device).manual_seed(cfg.seed)
     sampler = BatchSampler(train_set, cfg.batch_size, tumour_weight=preset.tumour_weight, flip=cfg.flip,
                            seed=cfg.seed)
     step = 0
     if resume:
-        step = _load_state(out / "state.safetensors", model, ema, opt, gen, sampler)
+        step = _load_state(out / "state.safetensors", model, ema, opt, gen, sampler, device)
     else:
         ema.load_state_dict(model.state_dict())
     ema.eval()
     for p in ema.parameters():
         p.requires_grad_(False)
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
 
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_is_faster())
-    tables = TorchTables(tables_for(card.diffusion.schedule, card.diffusion.timesteps))
-    val_batch = _validation_batch(val_set, 48, cfg.seed, tables.num_steps) if val_set is not None else None
+    bf16 = use_bf16(cfg.precision, device)
+    tables = TorchTables(tables_for(card.diffusion.schedule, card.diffusion.timesteps)).to(device)
+    val_batch = tuple(a.to(device) for a in _validation_batch(val_set, 48, cfg.seed, tables.num_steps)) \
+        if val_set is not None else None
     log_f = open(out / "train_log.jsonl", "a")
 
     def log(rec: dict) -> None:
@@ -179,10 +220,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
         log({"event": "start", "train_slices": len(train_set), "val_slices": len(val_set) if val_set else 0,
              "train_cases": cfg.split["train"], "val_cases": cfg.split["val"], "skipped": skipped,
              "params": sum(p.numel() for p in model.parameters()), "bf16": bf16})
+    log({"event": "session", "step": step, "device": _device_name(device), "bf16": bf16,
+         "torch": torch.__version__, "max_minutes": cfg.max_minutes})
+
+    low, high = card.diffusion.mask_low, card.diffusion.mask_high
+
+    def loss_terms(net, img, msk, t, noise):
+        if cfg.objective == "segmentation":
+            return segmentation_loss(net, img, msk, low, high)
+        return hybrid_loss(net, tables, img, msk, t, noise)
 
     def checkpoint() -> dict:
-        val = _validate(ema, tables, val_batch, bf16) if val_batch is not None else {}
-        info = {"steps": step, "preset": cfg.preset, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        val = _validate(ema, loss_terms, val_batch, bf16, device) if val_batch is not None else {}
+        info = {"objective": cfg.objective, "steps": step, "preset": cfg.preset, "batch_size": cfg.batch_size,
+                "lr": cfg.lr,
                 "ema_rate": cfg.ema_rate, "bf16": bf16, "seed": cfg.seed, "train_cases": cfg.split["train"],
                 "val_cases": cfg.split["val"], **{f"val_{k}": v for k, v in val.items()}}
         save_weights(out / "model.safetensors", _to_numpy(ema.state_dict()), card.replace(training=info))
@@ -191,59 +242,71 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
         return val
 
     model.train()
-    t_last, mse_acc, vb_acc, n_acc = time.monotonic(), 0.0, 0.0, 0
+    t_start = time.monotonic()
+    t_last, n_acc = t_start, 0
+    acc: dict[str, torch.Tensor] = {}
     with ProgressBar(cfg.steps, f"training {cfg.preset}", unit="step", quiet=quiet, initial=step) as bar:
         while step < cfg.steps:
-            img, msk = (torch.from_numpy(a) for a in sampler.next())
-            t = torch.randint(0, tables.num_steps, (cfg.batch_size,), generator=gen)
-            noise = torch.randn(msk.shape, generator=gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                terms = hybrid_loss(model, tables, img, msk, t, noise)
+            img, msk = (torch.from_numpy(a).to(device, non_blocking=True) for a in sampler.next())
+            t = torch.randint(0, tables.num_steps, (cfg.batch_size,), generator=gen, device=device)
+            noise = torch.randn(msk.shape, generator=gen, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                terms = loss_terms(model, img, msk, t, noise)
             loss = terms.loss.mean()
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.mul_(cfg.ema_rate).add_(pm.detach(), alpha=1 - cfg.ema_rate)
+                torch._foreach_mul_(ema_params, cfg.ema_rate)
+                torch._foreach_add_(ema_params, [p.detach() for p in model_params], alpha=1 - cfg.ema_rate)
+                for k, v in terms.parts().items():
+                    acc[k] = acc[k] + v.detach().mean() if k in acc else v.detach().mean()
             step += 1
-            mse_acc += terms.mse.mean().item()
-            vb_acc += terms.vb.mean().item()
             n_acc += 1
-            bar.advance(1, loss=round(mse_acc / n_acc + vb_acc / n_acc, 5))
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            bar.advance(1)
+            out_of_time = cfg.max_minutes > 0 and time.monotonic() - t_start >= cfg.max_minutes * 60
+            if step % cfg.log_every == 0 or step == cfg.steps or out_of_time:
+                means = {k: v.item() / n_acc for k, v in acc.items()}  # one host sync per log line
+                if not all(np.isfinite(v) for v in means.values()):
+                    raise RuntimeError(f"training diverged before step {step} ({means})")
                 now = time.monotonic()
-                log({"event": "train", "step": step, "mse": mse_acc / n_acc, "vb": vb_acc / n_acc,
-                     "steps_per_s": n_acc / max(now - t_last, 1e-9)})
-                t_last, mse_acc, vb_acc, n_acc = now, 0.0, 0.0, 0
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                log({"event": "train", "step": step, **means, "steps_per_s": n_acc / max(now - t_last, 1e-9)})
+                bar.advance(0, loss=round(sum(means.values()), 5))
+                t_last, n_acc, acc = now, 0, {}
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
                 checkpoint()
+            if out_of_time and step < cfg.steps:
+                log({"event": "stopped", "step": step, "reason": f"--max-minutes {cfg.max_minutes} reached",
+                     "resume": "run again with --resume to continue"})
+                break
     log_f.close()
     return out / "model.safetensors"
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 @torch.no_grad()
-def _validate(model, tables, batch, bf16: bool) -> dict:
+def _validate(model, loss_terms, batch, bf16: bool, device: torch.device) -> dict:
     img, msk, t, noise = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        terms = hybrid_loss(model, tables, img, msk, t, noise)
-    return {"mse": float(terms.mse.mean()), "vb": float(terms.vb.mean())}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        terms = loss_terms(model, img, msk, t, noise)
+    return {k: float(v.mean()) for k, v in terms.parts().items()}
 
 
 def _save_state(path: Path, model, ema, opt, gen, sampler, step: int, card: ModelCard) -> None:
     tensors = {**_to_numpy(model.state_dict(), "model."), **_to_numpy(ema.state_dict(), "ema.")}
     for i, st in opt.state_dict()["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):
-            tensors[f"opt.{i}.{k}"] = st[k].float().numpy()
+            tensors[f"opt.{i}.{k}"] = st[k].detach().float().cpu().numpy()
         tensors[f"opt.{i}.step"] = np.asarray([float(st["step"])], np.float64)
     tensors["rng.torch"] = gen.get_state().numpy()
-    meta = {STATE_KEY: json.dumps({"step": step, "sampler": sampler.state()})}
+    meta = {STATE_KEY: json.dumps({"step": step, "sampler": sampler.state(), "rng_device": gen.device.type})}
     save_weights(path, tensors, card, extra_metadata=meta)
 
 
-def _load_state(path: Path, model, ema, opt, gen, sampler) -> int:
+def _load_state(path: Path, model, ema, opt, gen, sampler, device: torch.device) -> int:
     tensors, _ = load_weights(path)
     meta = json.loads(read_metadata(path)[STATE_KEY])
     def sub(prefix):
@@ -252,10 +315,13 @@ def _load_state(path: Path, model, ema, opt, gen, sampler) -> int:
     ema.load_state_dict(sub("ema."), strict=True)
     osd = opt.state_dict()
     osd["state"] = {int(i): {"step": torch.tensor(float(tensors[f"opt.{i}.step"][0])),
-                             "exp_avg": torch.from_numpy(tensors[f"opt.{i}.exp_avg"]),
-                             "exp_avg_sq": torch.from_numpy(tensors[f"opt.{i}.exp_avg_sq"])}
+                             "exp_avg": torch.from_numpy(tensors[f"opt.{i}.exp_avg"]).to(device),
+                             "exp_avg_sq": torch.from_numpy(tensors[f"opt.{i}.exp_avg_sq"]).to(device)}
                     for i in osd["param_groups"][0]["params"] if f"opt.{i}.step" in tensors}
     opt.load_state_dict(osd)
-    gen.set_state(torch.from_numpy(tensors["rng.torch"]))
+    if meta.get("rng_device", "cpu") == gen.device.type:
+        gen.set_state(torch.from_numpy(tensors["rng.torch"]))
+    else:  # resumed on another kind of device: its generator state does not transfer; reseed deterministically
+        gen.manual_seed(int(np.random.SeedSequence([int(meta["step"]), 0xD1FF]).generate_state(1)[0]))
     sampler.set_state(meta["sampler"])
     return int(meta["step"])

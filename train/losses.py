@@ -22,6 +22,19 @@ class LossTerms:
     mse: torch.Tensor  # [B]
     vb: torch.Tensor  # [B], bits per dimension (already weighted by T/1000)
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {"mse": self.mse, "vb": self.vb}
+
+
+@dataclass
+class SegmentationTerms:
+    loss: torch.Tensor  # [B]
+    bce: torch.Tensor  # [B]
+    dice_loss: torch.Tensor  # [B], 1 - soft Dice per slice
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {"bce": self.bce, "dice_loss": self.dice_loss}
+
 
 class TorchTables:
     """Float64 schedule tables moved to torch once, gathered per sample as float32 [B, 1, 1, 1]."""
@@ -34,6 +47,13 @@ class TorchTables:
         for n in names:
             setattr(self, n, torch.from_numpy(np.asarray(getattr(tables, n), dtype=np.float64).copy()))
         self.log_betas = torch.log(self.betas)
+
+    def to(self, device: torch.device | str) -> "TorchTables":
+        """Move the tables (in place) to the device the timesteps live on; returns self."""
+        for n, v in list(vars(self).items()):
+            if isinstance(v, torch.Tensor):
+                setattr(self, n, v.to(device))
+        return self
 
     def take(self, name: str, t: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)[t].float().view(-1, 1, 1, 1)
@@ -94,3 +114,28 @@ def hybrid_loss(model: torch.nn.Module, tt: TorchTables, image: torch.Tensor, ma
     nll = nll.mean(dim=(1, 2, 3)) / math.log(2.0)
     vb = torch.where(t == 0, nll, kl) * (tt.num_steps / 1000.0)
     return LossTerms(loss=mse + vb, mse=mse, vb=vb)
+
+
+def segmentation_input(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deterministic baseline's network input: image ⊕ a zero mask channel, and timestep 0 for every slice.
+
+    The same U-Net as the diffusion model (same channels, so same backbone and parameter count) with the
+    x_t channel held at zero; output channel 0 is the tumour logit."""
+    x = torch.cat([image, torch.zeros_like(image[:, :1])], dim=1)
+    return x, torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
+
+
+def segmentation_loss(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor,
+                      mask_low: float, mask_high: float) -> SegmentationTerms:
+    """Binary cross-entropy + soft Dice per slice, for the deterministic U-Net baseline (nnU-Net's loss pair).
+
+    mask: [B, 1, H, W] in {mask_low, mask_high}; empty slices contribute to the Dice term through the +1
+    smoothing (predicting nothing on an empty slice costs nothing)."""
+    x, t = segmentation_input(image)
+    logits = model(x, t)[:, :1].float()
+    target = (mask > (mask_low + mask_high) / 2).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2, 3))
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum(dim=(1, 2, 3))
+    dice_loss = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
+    return SegmentationTerms(loss=bce + dice_loss, bce=bce, dice_loss=dice_loss)
