@@ -275,11 +275,11 @@ def main(argv: list[str] | None = None) -> dict:
                              a.batch, low, high)
     rate = max(1, min(S, a.batch // a.n)) * a.n * 3 / secs  # measured item-steps per second
     for spec in a.configs.split(","):
-        sampler, steps = spec.split(":")
-        steps = int(steps)
-        plan = plan_sampling(card, sampler, steps, 0.0)
+        sampler, steps, *rest = spec.split(":")  # sampler:steps[:eta]
+        steps, eta = int(steps), float(rest[0]) if rest else 0.0
+        plan = plan_sampling(card, sampler, steps, eta)
         n = a.n
-        run = {"sampler": sampler, "steps": steps}
+        run = {"sampler": sampler if sampler == "ddpm" else f"ddim η={eta:g}", "steps": steps, "eta": eta}
         if a.deadline_s:
             left = a.deadline_s - (time.monotonic() - t_begin) - 15.0
             est = S * n * steps / rate

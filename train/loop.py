@@ -59,7 +59,7 @@ class TrainConfig:
     split: dict = field(default_factory=dict)  # filled in: {"train": [...], "val": [...]}
 
     # what may differ between the first run and a --resume
-    RESUMABLE = ("steps", "checkpoint_every", "log_every", "threads", "device", "max_minutes")
+    RESUMABLE = ("data", "out", "steps", "checkpoint_every", "log_every", "threads", "device", "max_minutes")
 
     def resolved(self) -> "TrainConfig":
         p = get_preset(self.preset)
