@@ -150,7 +150,7 @@ def _check_affine(header: Any, affine: np.ndarray, ndim: int, path: Path) -> Non
                             "one's code")
 
 
-def _read_all(path: Path, max_voxels: int) -> tuple[type, bytes, tuple[int, ...], np.dtype]:
+def _read_all(path: Path, max_voxels: int) -> tuple[Any, bytes, tuple[int, ...], np.dtype]:
     """Read the whole (decompressed) file, checking the header before the data and the gzip CRC at the end."""
     try:
         with open(path, "rb") as raw_f:
@@ -177,7 +177,7 @@ def _read_all(path: Path, max_voxels: int) -> tuple[type, bytes, tuple[int, ...]
         raise _fail(path, f"holds more than {limit} bytes (decompressed) where its header declares {need}")
     if len(raw) < need:
         raise _fail(path, f"is truncated: holds {len(raw)} bytes, the header declares {need}")
-    return hdr_cls, raw, shape, dtype
+    return header, raw, shape, dtype
 
 
 def load_image(path: str | os.PathLike, *, max_voxels: int = MAX_VOXELS) -> LoadedImage:
@@ -190,8 +190,8 @@ def load_image(path: str | os.PathLike, *, max_voxels: int = MAX_VOXELS) -> Load
         raise _fail(path, "file not found", fix="check the path (and the case folder's file names)")
     if not path.is_file():
         raise _fail(path, "is not a file", fix="give a .nii or .nii.gz image")
-    hdr_cls, raw, shape, _ = _read_all(path, max_voxels)
-    img_cls = nib.Nifti2Image if hdr_cls is nib.Nifti2Header else nib.Nifti1Image
+    header, raw, shape, _ = _read_all(path, max_voxels)
+    img_cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):  # overflow is reported below, in one line
             warnings.simplefilter("ignore")
@@ -201,7 +201,7 @@ def load_image(path: str | os.PathLike, *, max_voxels: int = MAX_VOXELS) -> Load
         raise _fail(path, f"cannot be decoded as NIfTI ({exc})") from None
     if not np.isfinite(data).all():
         bad = int(data.size - np.isfinite(data).sum())
-        slope = float(img.header["scl_slope"])
+        slope = float(header["scl_slope"])  # the file's (nibabel resets the image header's)
         if np.isfinite(slope) and slope not in (0.0, 1.0):
             raise _fail(path, f"has {bad} voxels that overflow float32 after scaling by scl_slope={slope:g}",
                         fix="repair the header's scl_slope/scl_inter (1 and 0 for unscaled data)")

@@ -203,10 +203,11 @@ def _all_outputs(out_dir: Path, case_id: str) -> dict[str, Path]:
 
 
 def check_output(out_dir: str | Path, case: CaseInput, *, overwrite: bool = False) -> None:
-    """Refuse an `--out` that cannot work, without writing anything: an input file or an input's folder (a
+    """Refuse an `--out` that cannot work, leaving nothing behind: an input file or an input's folder (a
     ``<case>_mask.nii.gz`` there would later be taken for the case's label), a path that is or lies under a
     file, a folder that cannot be written, or one that already holds this case's results (unless
-    `overwrite`). `segment_case` checks again under the lock."""
+    `overwrite`). Writability is probed with a file (or folder) that is removed at once. `segment_case`
+    checks again under the lock."""
     out_dir = Path(out_dir)
     inputs = {Path(p).resolve() for p in case.sources.values()}
     target = out_dir.resolve()
@@ -224,9 +225,16 @@ def check_output(out_dir: str | Path, case: CaseInput, *, overwrite: bool = Fals
     if not existing.is_dir():
         where = "is a file" if existing == out_dir.absolute() else f"lies under the file {existing}"
         raise OutputError(f"{where}, not a folder", path=out_dir, fix="choose a folder for --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot be written (no write permission on {existing})", path=out_dir,
-                          fix="choose a writable --out folder")
+    try:  # a real probe (permissions, read-only file systems, root...) that leaves nothing behind
+        if existing == out_dir.absolute():
+            tempfile.TemporaryFile(dir=out_dir, prefix=".diffseg-probe-").close()
+        else:
+            first = existing / out_dir.absolute().relative_to(existing).parts[0]
+            first.mkdir()
+            first.rmdir()
+    except OSError as exc:
+        raise OutputError(f"cannot be written ({exc.strerror or exc})", path=out_dir,
+                          fix="choose a writable --out folder") from None
     _refuse_results(out_dir, case.case_id, overwrite)
 
 
