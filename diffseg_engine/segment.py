@@ -414,7 +414,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
                 on_progress=bar.advance, on_chunk=on_chunk, on_batch_size=on_batch_size,
                 on_member=(lambda s, m, p: samples.__setitem__((s, m), p)) if samples is not None else None)
     except BaseException:
-        if saved["next"] == 0:
+        if not partial.chunk_files():  # on disk, not saved["next"]: Ctrl-C may land just after a commit
             partial.remove()  # nothing worth resuming: leave --out as it was
         raise
     timings["sampling_s"] = time.perf_counter() - t1

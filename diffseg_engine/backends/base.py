@@ -59,10 +59,12 @@ class StepBackend(ABC):
 
 def batch_memory_error(exc: BaseException, batch: int, backend: str) -> BatchMemoryError | None:
     """The `BatchMemoryError` for `exc` if it is an allocation failure, else None."""
-    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or _OOM.search(str(exc))):
+    text = " ".join(str(exc).split())
+    found = _OOM.search(text)
+    if not (found or isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):
         return None
-    text = " ".join(str(exc).split())[:160] or type(exc).__name__
-    return BatchMemoryError(f"{backend} ran out of memory at batch size {batch} ({text})")
+    text = (text[found.start():] if found else text)[:120] or type(exc).__name__  # the runtime's own words
+    return BatchMemoryError(f"{backend} ran out of memory at batch size {batch} ({text.rstrip('.')})")
 
 
 def read_card(model: str | Path) -> ModelCard:
