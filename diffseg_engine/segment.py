@@ -374,17 +374,24 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     h = w = card.image_size
     samples = np.zeros((S, n, h, w), np.float32) if save_samples else None
 
-    old = partial.params() if partial.exists() else None
     start, stats = 0, None
-    if old is not None and old.get("fingerprint") == fingerprint:
-        start, stats = partial.load(S, n, (h, w), samples)
-        batch_size = batch_size or int(old.get("batch_size") or 0)  # auto: the size the run started with
-    elif partial.exists() and not overwrite:
-        if old is None:
-            raise partial._broken("no params.json")
-        raise OutputError(f"holds unfinished work for {case.case_id} with other parameters "
-                          f"({describe_mismatch(old.get('fingerprint') or {}, fingerprint)})", path=out_dir,
-                          fix="rerun with the same parameters to resume it, or pass --overwrite to discard it")
+    try:
+        old = partial.params() if partial.exists() else None
+        if old is not None and old.get("fingerprint") == fingerprint:
+            start, stats = partial.load(S, n, (h, w), samples)
+            batch_size = batch_size or int(old.get("batch_size") or 0)  # auto: the size the run started with
+        elif partial.exists():
+            if old is None:
+                raise partial._broken("no params.json")
+            raise OutputError(f"holds unfinished work for {case.case_id} with other parameters "
+                              f"({describe_mismatch(old.get('fingerprint') or {}, fingerprint)})", path=out_dir,
+                              fix="rerun with the same parameters to resume it, or pass --overwrite to discard it")
+    except OutputError:
+        if not overwrite:
+            raise
+        start, stats = 0, None  # --overwrite: unfinished work that cannot be resumed is discarded
+        if samples is not None:
+            samples[:] = 0
     bs = batch_size or default_batch_size(card, items)
     if start == 0:
         partial.start({"fingerprint": fingerprint, "batch_size": bs})

@@ -138,9 +138,8 @@ def test_sigint_stops_cleanly_and_the_same_command_resumes(flair, tiny_model, re
     assert _maps(out) == reference
 
 
-def test_overwrite_discards_unfinished_work_of_other_parameters(flair, tiny_model, tmp_path, monkeypatch):
+def _interrupt_after_two_chunks(flair, model, out, monkeypatch) -> None:
     import diffseg_engine.partial
-    out = tmp_path / "out"
     real_save = diffseg_engine.partial.PartialRun.save_chunk
 
     def stop_after_two(self, lo, hi, *a, **k):
@@ -148,9 +147,26 @@ def test_overwrite_discards_unfinished_work_of_other_parameters(flair, tiny_mode
         if hi >= 8:
             raise KeyboardInterrupt
     monkeypatch.setattr(diffseg_engine.partial.PartialRun, "save_chunk", stop_after_two)
-    code, output = _segment(flair, "--model", tiny_model[1], "--out", out, *RUN)
+    code, output = _segment(flair, "--model", model, "--out", out, *RUN)
     assert code == 130 and "resume" in output
     monkeypatch.setattr(diffseg_engine.partial.PartialRun, "save_chunk", real_save)
+
+
+def test_damaged_unfinished_work_is_refused_unless_overwrite(flair, tiny_model, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _interrupt_after_two_chunks(flair, tiny_model[1], out, monkeypatch)
+    last = sorted((out / f".{CASE}.partial").glob("chunk-*.npz"))[-1]
+    last.write_bytes(last.read_bytes()[:100])
+    code, output = _segment(flair, "--model", tiny_model[1], "--out", out, *RUN)
+    assert code == EXIT_CODES[OutputError] and "cannot be resumed" in output and "--overwrite" in output, output
+    code, output = _segment(flair, "--model", tiny_model[1], "--out", out, *RUN, "--overwrite")
+    assert code == 0, output
+    assert _provenance(out)["sampling"]["resumed_from_item"] == 0 and _maps(out) == reference
+
+
+def test_overwrite_discards_unfinished_work_of_other_parameters(flair, tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _interrupt_after_two_chunks(flair, tiny_model[1], out, monkeypatch)
     code, output = _segment(flair, "--model", tiny_model[1], "--out", out, *RUN, "--n", "1", "--overwrite")
     assert code == 0, output
     prov = _provenance(out)
