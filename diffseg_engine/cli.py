@@ -144,10 +144,42 @@ def segment(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results already in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Segment one case: ensemble mean, variance and mask NIfTI on the input grid, plus provenance JSON."""
-    from .segment import open_model, resolve_case, segment_case
+    """Segment one case: ensemble mean, variance and mask NIfTI on the input grid, plus provenance JSON.
+
+    Options, the model card, the inputs and --out are all checked before the model is loaded. A run that is
+    interrupted (Ctrl-C, kill, power loss) resumes when the same command is run again.
+    """
+    from .backends.base import read_card
+    _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
+                            backend=backend, device=device)
     from .sampler import plan_sampling
+    from .segment import check_output, default_model, open_model, resolve_case, segment_case
+    model_path = model or default_model()
+    card = read_card(model_path)  # the card only: no session, no weights yet
+    plan = plan_sampling(card, sampler, steps if steps is not None else (50 if sampler == "ddim" else None), eta)
+    case = resolve_case(list(inputs or []), modality, card)
+    check_output(out, case, overwrite=overwrite)
+    eng = open_model(model_path, backend, device)
+    try:
+        res = segment_case(case, eng, out, n=n, plan=plan, seed=seed, batch_size=batch_size, overwrite=overwrite,
+                           quiet=quiet, save_samples=save_samples, command=" ".join(sys.argv))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: finished chunks are kept in {out}; run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    if not quiet:
+        t = res.provenance["timings"]
+        typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels; sampling {t['sampling_s']:.1f} s; "
+                   f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
+
+
+def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_size: int, sampler: str, eta: float,
+                            backend: str, device: str) -> None:
+    """`UsageError` for option values that cannot work, before any file is opened."""
+    import re
+
+    from .backends.base import BACKENDS, DEVICE_PATTERN
     from .errors import UsageError
+    from .sampler import SAMPLERS
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     if steps is not None and steps < 1:
@@ -156,15 +188,14 @@ def segment(
         raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {batch_size}")
     if not 0 <= seed < 2**63:
         raise UsageError(f"--seed must lie in [0, 2**63), got {seed}")
-    eng = open_model(model, backend, device)
-    case = resolve_case(list(inputs or []), modality, eng.card)
-    plan = plan_sampling(eng.card, sampler, steps if steps is not None else (50 if sampler == "ddim" else None), eta)
-    res = segment_case(case, eng, out, n=n, plan=plan, seed=seed, batch_size=batch_size, overwrite=overwrite,
-                       quiet=quiet, save_samples=save_samples, command=" ".join(sys.argv))
-    if not quiet:
-        t = res.provenance["timings"]
-        typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels; sampling {t['sampling_s']:.1f} s; "
-                   f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}", fix=f"choose one of {', '.join(SAMPLERS)}")
+    if not 0.0 <= eta <= 1.0:
+        raise UsageError(f"--eta must lie in [0, 1], got {eta}")
+    if backend not in (*BACKENDS, "tensorrt"):
+        raise UsageError(f"unknown backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise UsageError(f"unknown --device {device!r}", fix="use auto, cpu, cuda or cuda:N")
 
 
 @app.command()
@@ -192,6 +223,8 @@ def evaluate(
     from .evaluate import evaluate_folder
     eng = plan = None
     if predictions is None:
+        _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
+                                backend=backend, device=device)
         from .sampler import plan_sampling
         from .segment import open_model
         eng = open_model(model, backend, device)

@@ -1,6 +1,7 @@
 """Ensemble statistics, streamed: memory does not grow with the number of members.
 
-Owns: `EnsembleStats` (per-slice running mean and variance, Welford, float64) and `member_probability`
+Owns: `EnsembleStats` (per-slice running mean and variance, Welford, float64, whose rows can be saved and
+restored exactly for resuming) and `member_probability`
 (a sampled mask x_0 -> a value in [0, 1]).
 Imports: numpy only.
 """
@@ -41,6 +42,16 @@ class EnsembleStats:
     def variance(self) -> np.ndarray:
         c = np.maximum(self.count, 1)[:, None, None]
         return (self._m2 / c).astype(np.float32)
+
+    def rows(self, first: int, last: int) -> dict[str, np.ndarray]:
+        """Copies of count, mean and m2 of slices first..last (inclusive)."""
+        sl = slice(first, last + 1)
+        return {"count": self.count[sl].copy(), "mean": self._mean[sl].copy(), "m2": self._m2[sl].copy()}
+
+    def set_rows(self, first: int, rows: dict[str, np.ndarray]) -> None:
+        """Overwrite slices first.. with `rows` (as returned by `rows`)."""
+        sl = slice(first, first + len(rows["count"]))
+        self.count[sl], self._mean[sl], self._m2[sl] = rows["count"], rows["mean"], rows["m2"]
 
     def state(self) -> dict[str, np.ndarray]:
         return {"count": self.count.copy(), "mean": self._mean.copy(), "m2": self._m2.copy()}

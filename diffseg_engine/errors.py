@@ -25,7 +25,8 @@ class DiffsegError(Exception):
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES[type(self)]
+        """The code of the nearest class in `EXIT_CODES` along the class hierarchy."""
+        return next(EXIT_CODES[c] for c in type(self).__mro__ if c in EXIT_CODES)
 
 
 class UsageError(DiffsegError):
@@ -52,12 +53,21 @@ class OutputError(DiffsegError):
     """An output location that cannot be written, or already holds results."""
 
 
+class OutputBusyError(OutputError):
+    """Another run holds the lock on the same case's outputs in the same `--out` folder."""
+
+
 class BackendError(DiffsegError):
     """A runtime backend that is not installed or cannot run here."""
 
 
 class ResourceError(DiffsegError):
     """Out of memory at batch size 1, disk full."""
+
+
+class BatchMemoryError(ResourceError):
+    """A backend ran out of memory on one batch. The sampler catches it, halves that chunk and retries; it
+    reaches the user (as a `ResourceError`) only at batch size 1."""
 
 
 #: One table: error kind -> process exit code. 1 is left to unexpected crashes, 2 to the CLI parser.
@@ -71,4 +81,6 @@ EXIT_CODES: dict[type[DiffsegError], int] = {
     OutputError: 14,
     BackendError: 15,
     ResourceError: 16,
+    BatchMemoryError: 16,
+    OutputBusyError: 17,
 }

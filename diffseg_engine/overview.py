@@ -7,6 +7,7 @@ Imports: numpy, matplotlib (Agg, lazily), `preprocess.slice_axis`, `atomic`. Mus
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,8 +28,11 @@ def pick_slices(mean_axial: np.ndarray, brain_axial: np.ndarray, k: int = 4) -> 
 
 
 def write_overview(path: str | Path, image: np.ndarray, mean: np.ndarray, variance: np.ndarray,
-                   affine: np.ndarray, *, title: str = "", image_label: str = "input") -> Path:
-    """image, mean, variance: 3D arrays on the input grid. Rows: slices; columns: input, mean, variance."""
+                   affine: np.ndarray, *, title: str = "", image_label: str = "input", file: BinaryIO | None = None
+                   ) -> Path:
+    """image, mean, variance: 3D arrays on the input grid. Rows: slices; columns: input, mean, variance.
+
+    Writes the PNG to `path` (atomically), or into `file` where one is given (`path` is then only returned)."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -59,7 +63,12 @@ def write_overview(path: str | Path, image: np.ndarray, mean: np.ndarray, varian
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
+    try:
+        if file is not None:
+            fig.savefig(file, format="png", dpi=90)
+        else:
+            with atomic_write(path) as f:
+                fig.savefig(f, format="png", dpi=90)
+    finally:
+        plt.close(fig)
     return path

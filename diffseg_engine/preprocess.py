@@ -1,8 +1,8 @@
 """Turning a case into network input, and the exact inverse for the network's output maps.
 
-Owns: axial re-ordering, intensity normalisation, in-plane centre crop / zero pad, area-average
-downsampling, bilinear upsampling, `prepare_case` / `restore` / `prepare_label` and the `Geometry` that
-links them. The pipeline, for a volume V of shape `shape` and each modality:
+Owns: axial re-ordering, the in-plane size check (`check_plane`), intensity normalisation, in-plane centre
+crop / zero pad, area-average downsampling, bilinear upsampling, `prepare_case` / `restore` / `prepare_label`
+and the `Geometry` that links them. The pipeline, for a volume V of shape `shape` and each modality:
 
 1. axial order: the voxel axis whose affine direction is closest to superior-inferior moves to the front,
    giving [S, X, Y] with the two other axes in their original order and direction (never flipped, so the
@@ -30,6 +30,9 @@ from .errors import InputImageError, UsageError
 
 #: How far outside [0, 1] intensities may lie when the model expects already normalised input.
 NONE_TOLERANCE = 1e-3
+#: In-plane sizes (voxels) accepted, as fractions of the model's crop window: smaller images would be mostly
+#: zero padding, larger ones mostly cut away (a different field of view or resolution than the model's).
+PLANE_RANGE = (0.5, 2.0)
 
 
 @dataclass(eq=False)
@@ -74,6 +77,16 @@ def check_preprocessing(prep: Preprocessing) -> None:
         raise UsageError(f"percentiles {prep.percentile_low}, {prep.percentile_high} must satisfy 0 <= low < high <= 100")
     if prep.crop_size < 1 or prep.downsample < 1 or prep.crop_size % prep.downsample:
         raise UsageError(f"crop_size {prep.crop_size} must be a positive multiple of downsample {prep.downsample}")
+
+
+def check_plane(plane: Sequence[int], prep: Preprocessing, *, source: object | None = None) -> None:
+    """`InputImageError` unless the in-plane size (X, Y) lies within `PLANE_RANGE` of the crop window."""
+    lo, hi = (int(round(f * prep.crop_size)) for f in PLANE_RANGE)
+    if not all(lo <= n <= hi for n in plane):
+        raise InputImageError(
+            f"has an in-plane size of {plane[0]}x{plane[1]} voxels; this model looks at a {prep.crop_size}x"
+            f"{prep.crop_size} window and takes {lo} to {hi} voxels per in-plane axis", path=source,
+            fix="give the full axial field of view at about 1 mm (BraTS: 240x240), resampling if needed")
 
 
 def slice_axis(affine: np.ndarray, shape: Sequence[int]) -> int:
@@ -216,6 +229,7 @@ def prepare_case(images: Sequence[np.ndarray], affine: np.ndarray, prep: Preproc
     for c, (v, name) in enumerate(zip(vols, names)):
         norm = normalise_intensity(v, prep, source=name)
         inputs[:, c] = downsample(centre_crop(to_axial(norm, axis)[sel], prep.crop_size), prep.downsample)
+    check_plane((brain.shape[1], brain.shape[2]), prep, source=names[0])
     geometry = Geometry(shape=shape, axis=axis, plane=(brain.shape[1], brain.shape[2]), crop_size=prep.crop_size,
                         downsample=prep.downsample, slice_index=sel, brain=brain)
     return PreparedCase(inputs=inputs, slice_index=sel, geometry=geometry)

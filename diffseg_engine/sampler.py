@@ -2,7 +2,8 @@
 
 Owns: `SamplingPlan` (which steps, their coefficient rows and network timesteps), `plan_sampling`, and
 `sample_ensemble` — a short loop over chunks of (slice, member) work items and, inside, over timesteps; one
-backend call per timestep per chunk does the network AND the update (compiled in the step graph).
+backend call per timestep per chunk does the network AND the update (compiled in the step graph). A chunk
+that does not fit in memory is halved and retried (`BatchMemoryError` from the backend).
 Imports: numpy, `schedule`, `noise`, `ensemble`, `card`, `errors`. Never a concrete backend, never torch.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from .card import ModelCard
 from .ensemble import EnsembleStats, member_probability
-from .errors import UsageError
+from .errors import BatchMemoryError, ResourceError, UsageError
 from .noise import BatchNoise, NoiseStreams
 from .schedule import (ddim_coefficients, ddpm_coefficients, model_timesteps, respace, space_timesteps,
                        tables_for)
@@ -78,13 +79,18 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
                     stats: EnsembleStats | None = None, start_item: int = 0,
                     on_progress: Callable[[int], None] | None = None,
                     on_member: Callable[[int, int, np.ndarray], None] | None = None,
-                    on_chunk: Callable[[int, EnsembleStats], None] | None = None) -> EnsembleStats:
+                    on_chunk: Callable[[int, EnsembleStats], None] | None = None,
+                    on_batch_size: Callable[[int, BatchMemoryError], None] | None = None) -> EnsembleStats:
     """Sample `members` masks for each slice of `images` [S, C, h, w]; returns their streamed statistics.
 
     Work items (slice, member) are processed in chunks of `batch_size`; every chunk runs all K steps, one
     `step` call per timestep. Member (s, m) draws x_T and every z from stream (slice_ids[s], m), so the
     result does not depend on `batch_size`. `start_item` and `stats` resume after finished chunks;
-    `on_chunk(next_item, stats)` is called after each chunk, `on_progress(n)` after each step call.
+    `on_chunk(next_item, stats)` is called after each chunk, `on_progress(n)` after each step call (negative
+    when a failed chunk's steps are taken back).
+    If `step` raises `BatchMemoryError`, that chunk is halved and retried from its start, and the rest of the
+    run keeps the smaller size (`on_batch_size(new_size, error)` is told); finished chunks are never redone.
+    At batch size 1 the error becomes a `ResourceError` for the user.
     """
     S, _, h, w = images.shape
     if members < 1:
@@ -93,27 +99,52 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     stats = stats if stats is not None else EnsembleStats(S, (h, w))
     items = work_items(S, members)
-    low, high = card.diffusion.mask_low, card.diffusion.mask_high
-    K = len(plan.coefs)
-    for lo in range(start_item, len(items), batch_size):
+    lo = start_item
+    while lo < len(items):
         chunk = items[lo:lo + batch_size]
-        B = len(chunk)
-        pos = np.fromiter((s for s, _ in chunk), np.int64, B)
-        noise = BatchNoise(streams, [(int(slice_ids[s]), m) for s, m in chunk], (h, w))
-        x = noise.draw().copy()  # x_T ~ N(0, I)
-        img = np.ascontiguousarray(images[pos], np.float32)
-        for i in range(K - 1, -1, -1):
+        try:
+            prob = _sample_chunk(step, images, chunk, plan, streams, slice_ids, card, (h, w), on_progress)
+        except BatchMemoryError as exc:
+            if len(chunk) == 1:
+                raise ResourceError(f"out of memory even at batch size 1 ({exc})",
+                                    fix="free memory (other processes on this GPU or machine), use --device cpu, "
+                                        "or a smaller model; finished chunks are kept, so rerunning the same "
+                                        "command resumes") from None
+            batch_size = len(chunk) // 2
+            if on_batch_size:
+                on_batch_size(batch_size, exc)
+            continue
+        for j, (s, m) in enumerate(chunk):
+            stats.add(s, prob[j])
+            if on_member:
+                on_member(s, m, prob[j])
+        lo += len(chunk)
+        if on_chunk:
+            on_chunk(lo, stats)
+    return stats
+
+
+def _sample_chunk(step: StepFn, images: np.ndarray, chunk: list[tuple[int, int]], plan: SamplingPlan,
+                  streams: NoiseStreams, slice_ids: np.ndarray, card: ModelCard, shape: tuple[int, int],
+                  on_progress: Callable[[int], None] | None) -> np.ndarray:
+    """All K steps for one chunk of work items; returns each member's probability map [B, h, w] float64."""
+    B = len(chunk)
+    pos = np.fromiter((s for s, _ in chunk), np.int64, B)
+    noise = BatchNoise(streams, [(int(slice_ids[s]), m) for s, m in chunk], shape)
+    x = noise.draw().copy()  # x_T ~ N(0, I)
+    img = np.ascontiguousarray(images[pos], np.float32)
+    done = 0
+    try:
+        for i in range(len(plan.coefs) - 1, -1, -1):
             coef = np.broadcast_to(plan.coefs[i], (B, plan.coefs.shape[1]))
             t = np.full(B, plan.timesteps[i], np.float32)
             z = noise.draw()
             x = step(img, x, t, coef, z)  # network + update, one engine call
             if on_progress:
                 on_progress(B)
-        prob = member_probability(x[:, 0].astype(np.float64), low, high)
-        for j, (s, m) in enumerate(chunk):
-            stats.add(s, prob[j])
-            if on_member:
-                on_member(s, m, prob[j])
-        if on_chunk:
-            on_chunk(lo + B, stats)
-    return stats
+                done += B
+    except BatchMemoryError:
+        if on_progress and done:
+            on_progress(-done)
+        raise
+    return member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low, card.diffusion.mask_high)

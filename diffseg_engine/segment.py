@@ -1,15 +1,22 @@
 """`segment`: one case from NIfTI in to mean / variance / mask NIfTI out, on the input grid.
 
-Owns: resolving the user's inputs to the model's modalities (`resolve_case`), the default batch size, the
-output names and the provenance record, and `segment_case` which ties preprocessing, the sampler, a backend
-and the inverse preprocessing together.
+Owns: resolving and validating the user's inputs for the model's modalities (`resolve_case`, which also
+preprocesses, so every input error surfaces before a model is loaded), the checks on `--out`
+(`check_output`), the default batch size, the output names and the provenance record, and `segment_case`,
+which ties preprocessing, the sampler, a backend and the inverse preprocessing together: under a per-case
+lock (`lock`), saving each finished chunk (`partial`) so that an interrupted run resumes, writing all maps
+together (`atomic.AtomicFiles`) and the provenance JSON last, as the mark of a finished case.
 Imports: numpy, nibabel (via nifti_io), the runtime modules below it. Never torch (the torch backend is
 opened through `backends.open_backend` only when asked for).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,14 +26,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_write
+from .atomic import AtomicFiles, atomic_write
 from .backends.base import StepBackend, open_backend
 from .card import ModelCard
 from .cases import canonical_modality, classify_file, find_case
-from .errors import InputImageError, MissingModalityError, OutputError, UsageError
+from .errors import BatchMemoryError, InputImageError, MissingModalityError, OutputError, UsageError
+from .lock import OutputLock
 from .noise import NoiseStreams
-from .nifti_io import LoadedImage, load_image
-from .preprocess import prepare_case, restore
+from .nifti_io import LoadedImage, encode_like, load_image
+from .partial import PartialRun, describe_mismatch
+from .preprocess import PreparedCase, prepare_case, restore
 from .progress import ProgressBar
 from .sampler import SamplingPlan, sample_ensemble
 from .weights import file_sha256 as _sha256
@@ -42,6 +51,8 @@ class CaseInput:
     images: list[LoadedImage]  # in the model's modality order
     reference: LoadedImage  # the grid the outputs are written on
     sources: dict[str, str] = field(default_factory=dict)  # modality -> file
+    prepared: PreparedCase | None = None  # network input (`resolve_case` fills it in)
+    prepare_s: float = 0.0
 
 
 def default_model() -> Path:
@@ -73,11 +84,14 @@ def _split_4d(loaded: LoadedImage) -> list[LoadedImage]:
     return parts
 
 
-def resolve_case(inputs: Sequence[Path], modality_args: Sequence[str], card: ModelCard) -> CaseInput:
-    """Match the user's inputs to `card.modalities` and load them (validated, same grid).
+def resolve_case(inputs: Sequence[Path], modality_args: Sequence[str], card: ModelCard, *,
+                 prepare: bool = True) -> CaseInput:
+    """Match the user's inputs to `card.modalities`, load them (validated, same grid) and, with `prepare`,
+    preprocess them for the network (which refuses constant images, an in-plane size the model cannot take...).
 
     inputs: a case folder (any naming of ../shared/data), one 3D file (single-modality models), or one 4D
     file with the modalities on the last axis in the model's order. modality_args: ``flair=PATH`` pairs.
+    Needs only the model card, so every input error is reported before a model is loaded.
     """
     need = list(card.modalities)
     files: dict[str, Path] = {}
@@ -135,16 +149,28 @@ def resolve_case(inputs: Sequence[Path], modality_args: Sequence[str], card: Mod
                                            f"({', '.join(need)})", path=src,
                                            fix="give the case folder, a 4D file, or --modality NAME=PATH for each")
     _check_same_grid(loaded, need)
-    return CaseInput(case_id=case_id or "case", images=loaded, reference=loaded[0],
+    case = CaseInput(case_id=case_id or "case", images=loaded, reference=loaded[0],
                      sources={m: str(files[m]) for m in need})
+    if prepare:
+        t0 = time.perf_counter()
+        case.prepared = prepare_case([im.data for im in loaded], loaded[0].affine, card.preprocessing,
+                                     names=[im.path for im in loaded])  # errors name the file at fault
+        case.prepare_s = time.perf_counter() - t0
+    return case
 
 
 def _check_same_grid(images: list[LoadedImage], names: list[str]) -> None:
     ref = images[0]
+    ref_zooms = np.asarray(ref.image.header.get_zooms()[:3], np.float64)
     for im, name in zip(images[1:], names[1:]):
         if im.data.shape != ref.data.shape:
             raise InputImageError(f"{name} has shape {im.data.shape} but {names[0]} has {ref.data.shape}",
                                   path=im.path, fix="resample all modalities onto one grid (co-register) first")
+        zooms = np.asarray(im.image.header.get_zooms()[:3], np.float64)
+        if zooms.shape == ref_zooms.shape and not np.allclose(zooms, ref_zooms, atol=1e-4, rtol=0):
+            raise InputImageError(f"{name} has voxel spacing {tuple(float(z) for z in zooms)} mm but {names[0]} "
+                                  f"has {tuple(float(z) for z in ref_zooms)} mm", path=im.path,
+                                  fix="resample all modalities onto one grid (co-register) first")
         if not np.allclose(im.affine, ref.affine, atol=1e-3, rtol=0):
             raise InputImageError(f"{name} has a different affine (voxel-to-world) than {names[0]} ({ref.path.name})",
                                   path=im.path, fix="resample all modalities onto one grid (co-register) first")
@@ -170,6 +196,57 @@ def output_paths(out_dir: Path, case_id: str) -> dict[str, Path]:
     return {"mean": out_dir / f"{case_id}_mean.nii.gz", "variance": out_dir / f"{case_id}_variance.nii.gz",
             "mask": out_dir / f"{case_id}_mask.nii.gz", "provenance": out_dir / f"{case_id}_provenance.json",
             "overview": out_dir / f"{case_id}_overview.png"}
+
+
+def _all_outputs(out_dir: Path, case_id: str) -> dict[str, Path]:
+    return {**output_paths(out_dir, case_id), "samples": out_dir / f"{case_id}_samples.nii.gz"}
+
+
+def check_output(out_dir: str | Path, case: CaseInput, *, overwrite: bool = False) -> None:
+    """Refuse an `--out` that cannot work, leaving nothing behind: an input file or an input's folder (a
+    ``<case>_mask.nii.gz`` there would later be taken for the case's label), a path that is or lies under a
+    file, a folder that cannot be written, or one that already holds this case's results (unless
+    `overwrite`). Writability is probed with a file (or folder) that is removed at once. `segment_case`
+    checks again under the lock."""
+    out_dir = Path(out_dir)
+    inputs = {Path(p).resolve() for p in case.sources.values()}
+    target = out_dir.resolve()
+    if target in inputs:
+        raise OutputError("is an input image, not a folder for the results", path=out_dir,
+                          fix="choose a new folder for --out")
+    if target in {p.parent for p in inputs}:
+        raise OutputError("is the folder of an input image: results there (e.g. <case>_mask.nii.gz) would be "
+                          "taken for the case's own files later", path=out_dir, fix="choose another --out folder")
+    if any(p.resolve() in inputs for p in _all_outputs(out_dir, case.case_id).values()):
+        raise OutputError("an output would overwrite an input file", path=out_dir, fix="choose another --out")
+    existing = out_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == out_dir.absolute() else f"lies under the file {existing}"
+        raise OutputError(f"{where}, not a folder", path=out_dir, fix="choose a folder for --out")
+    try:  # a real probe (permissions, read-only file systems, root...) that leaves nothing behind
+        if existing == out_dir.absolute():
+            tempfile.TemporaryFile(dir=out_dir, prefix=".diffseg-probe-").close()
+        else:
+            first = existing / out_dir.absolute().relative_to(existing).parts[0]
+            first.mkdir()
+            first.rmdir()
+    except OSError as exc:
+        raise OutputError(f"cannot be written ({exc.strerror or exc})", path=out_dir,
+                          fix="choose a writable --out folder") from None
+    _refuse_results(out_dir, case.case_id, overwrite)
+
+
+def _refuse_results(out_dir: Path, case_id: str, overwrite: bool) -> None:
+    """Finished results (a provenance JSON) or maps without unfinished work to resume are refused."""
+    if overwrite:
+        return
+    paths = _all_outputs(out_dir, case_id)
+    resumable = PartialRun(out_dir, case_id).exists()
+    if paths["provenance"].exists() or (not resumable and any(p.exists() for p in paths.values())):
+        raise OutputError(f"already holds results for {case_id}", path=out_dir,
+                          fix="pass --overwrite to replace them, or choose another --out")
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -199,11 +276,58 @@ class SegmentResult:
     provenance: dict
 
 
+def _make_folder(out_dir: Path) -> list[Path]:
+    """mkdir -p `out_dir` and check a file can be created there; returns the folders it created."""
+    created = []
+    p = out_dir.absolute()
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".diffseg-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        _remove_empty(created)
+        raise OutputError(f"cannot write here ({exc.strerror or exc})", path=out_dir,
+                          fix="choose a writable --out folder") from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for f in folders:  # deepest first
+        try:
+            f.rmdir()
+        except OSError:
+            break
+
+
+def _fingerprint(case: CaseInput, backend: StepBackend, plan: SamplingPlan, n: int, seed: int,
+                 save_samples: bool, input_sha: dict[str, str], model_sha: str | None) -> dict:
+    """Everything that decides the maps: a resumed run must match it exactly."""
+    prepared = case.prepared
+    return {
+        "format": 1, "engine": __version__, "case_id": case.case_id, "inputs_sha256": input_sha,
+        "model_sha256": model_sha, "card_sha256": hashlib.sha256(backend.card.to_json().encode()).hexdigest(),
+        "backend": backend.name, **plan.describe(), "n": n, "seed": seed, "slices": int(len(prepared.inputs)),
+        "slice_index_sha256": hashlib.sha256(np.asarray(prepared.slice_index, np.int64).tobytes()).hexdigest(),
+        "save_samples": bool(save_samples),
+    }
+
+
 def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int = 5, plan: SamplingPlan,
                  seed: int = 0, batch_size: int = 0, overwrite: bool = False, quiet: bool = False,
                  save_samples: bool = False, overview: bool = True, command: str = "",
                  progress_factory: Callable[..., ProgressBar] = ProgressBar) -> SegmentResult:
-    """Sample an ensemble of `n` masks for every brain slice of `case` and write the maps to `out_dir`."""
+    """Sample an ensemble of `n` masks for every brain slice of `case` and write the maps to `out_dir`.
+
+    Runs under an exclusive lock on this case's outputs (`OutputBusyError` if another run holds it). Each
+    finished chunk is saved in ``out_dir/.<case>.partial/``; a later call with the same parameters resumes
+    from there (bit-identical maps at the same batch size, which a resume with batch size 0 reuses), one with
+    other parameters is refused unless `overwrite`, which discards it. The maps are written together, the
+    provenance JSON last; then the unfinished-work folder is removed. Nothing is left in `out_dir` by a run
+    that fails before its first chunk finishes.
+    """
     card = backend.card
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
@@ -212,89 +336,156 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
     if batch_size < 0:
         raise UsageError(f"--batch-size must be positive (0: automatic), got {batch_size}")
     out_dir = Path(out_dir)
-    paths = output_paths(out_dir, case.case_id)
-    input_files = {Path(p).resolve() for p in case.sources.values()}
-    if any(p.resolve() in input_files for p in paths.values()):
-        raise OutputError("an output would overwrite an input file", path=out_dir, fix="choose another --out")
-    if not overwrite and any(p.exists() for p in paths.values()):
-        raise OutputError(f"already holds results for {case.case_id}", path=out_dir,
-                          fix="pass --overwrite to replace them, or choose another --out")
+    check_output(out_dir, case, overwrite=overwrite)
+    if case.prepared is None:
+        t0 = time.perf_counter()
+        case.prepared = prepare_case([im.data for im in case.images], case.reference.affine, card.preprocessing,
+                                     names=[im.path for im in case.images])  # errors name the file at fault
+        case.prepare_s = time.perf_counter() - t0
+    created = _make_folder(out_dir)
+    partial = PartialRun(out_dir, case.case_id)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".diffseg-probe-", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise OutputError(f"cannot write here ({exc.strerror or exc})", path=out_dir,
-                          fix="choose a writable --out folder") from None
+        with OutputLock(out_dir, case.case_id):
+            return _segment_locked(case, backend, out_dir, partial, n=n, plan=plan, seed=seed,
+                                   batch_size=batch_size, overwrite=overwrite, quiet=quiet,
+                                   save_samples=save_samples, overview=overview, command=command,
+                                   progress_factory=progress_factory)
+    finally:
+        _remove_empty(created)  # only where nothing (no finished result, no unfinished work) was left
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    prepared = prepare_case([im.data for im in case.images], case.reference.affine, card.preprocessing,
-                            names=[im.path for im in case.images])  # errors name the file at fault
-    timings["preprocess_s"] = time.perf_counter() - t0
+
+def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partial: PartialRun, *, n: int,
+                    plan: SamplingPlan, seed: int, batch_size: int, overwrite: bool, quiet: bool,
+                    save_samples: bool, overview: bool, command: str,
+                    progress_factory: Callable[..., ProgressBar]) -> SegmentResult:
+    card = backend.card
+    paths = output_paths(out_dir, case.case_id)
+    _refuse_results(out_dir, case.case_id, overwrite)  # again, now that no other run can be writing
+    for stale in out_dir.glob(f".{case.case_id}_*.tmp"):  # temp files of a run killed while writing
+        stale.unlink(missing_ok=True)
+    prepared = case.prepared
+    timings: dict[str, float] = {"preprocess_s": case.prepare_s}
+    input_sha = {m: _sha256(Path(p)) for m, p in case.sources.items()}
+    model_path = getattr(backend, "path", None)
+    model_sha = _sha256(model_path) if model_path is not None and Path(model_path).is_file() else None
+    fingerprint = _fingerprint(case, backend, plan, n, seed, save_samples, input_sha, model_sha)
     S = len(prepared.inputs)
     items = S * n
+    h = w = card.image_size
+    samples = np.zeros((S, n, h, w), np.float32) if save_samples else None
+
+    start, stats = 0, None
+    try:
+        old = partial.params() if partial.exists() else None
+        if old is not None and old.get("fingerprint") == fingerprint:
+            start, stats = partial.load(S, n, (h, w), samples)
+            batch_size = batch_size or int(old.get("batch_size") or 0)  # auto: the size the run started with
+        elif partial.exists():
+            if old is None:
+                raise partial._broken("no params.json")
+            raise OutputError(f"holds unfinished work for {case.case_id} with other parameters "
+                              f"({describe_mismatch(old.get('fingerprint') or {}, fingerprint)})", path=out_dir,
+                              fix="rerun with the same parameters to resume it, or pass --overwrite to discard it")
+    except OutputError:
+        if not overwrite:
+            raise
+        start, stats = 0, None  # --overwrite: unfinished work that cannot be resumed is discarded
+        if samples is not None:
+            samples[:] = 0
     bs = batch_size or default_batch_size(card, items)
+    if start == 0:
+        partial.start({"fingerprint": fingerprint, "batch_size": bs})
+    elif not quiet:
+        print(f"{case.case_id}: resuming after {start} of {items} finished work items", file=sys.stderr)
     backend.allocate(bs)
     streams = NoiseStreams(seed, case.case_id)
-    samples = None
-    if save_samples:
-        samples = np.zeros((S, n, card.image_size, card.image_size), np.float32)
-    total = items * len(plan.coefs)
+    K = len(plan.coefs)
+    saved = {"next": start, "bs": bs}
+
+    def on_chunk(next_item: int, st) -> None:
+        partial.save_chunk(saved["next"], next_item, st, n, samples)
+        saved["next"] = next_item
+
+    def on_batch_size(new: int, err: BatchMemoryError) -> None:
+        saved["bs"] = new
+        if not quiet:
+            print(f"{case.case_id}: {err} -- retrying that chunk at batch size {new}", file=sys.stderr)
+
     t1 = time.perf_counter()
-    with progress_factory(total, f"segment {case.case_id}", unit="step·member", quiet=quiet) as bar:
-        stats = sample_ensemble(
-            backend.infer, prepared.inputs, members=n, plan=plan, streams=streams,
-            slice_ids=prepared.slice_index, card=card, batch_size=bs, on_progress=bar.advance,
-            on_member=(lambda s, m, p: samples.__setitem__((s, m), p)) if samples is not None else None)
+    try:
+        with progress_factory(items * K, f"segment {case.case_id}", unit="step·member", quiet=quiet,
+                              initial=start * K) as bar:
+            stats = sample_ensemble(
+                backend.infer, prepared.inputs, members=n, plan=plan, streams=streams,
+                slice_ids=prepared.slice_index, card=card, batch_size=bs, stats=stats, start_item=start,
+                on_progress=bar.advance, on_chunk=on_chunk, on_batch_size=on_batch_size,
+                on_member=(lambda s, m, p: samples.__setitem__((s, m), p)) if samples is not None else None)
+    except BaseException:
+        if not partial.chunk_files():  # on disk, not saved["next"]: Ctrl-C may land just after a commit
+            partial.remove()  # nothing worth resuming: leave --out as it was
+        raise
     timings["sampling_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     mean = restore(prepared, stats.mean).astype(np.float32)
     variance = restore(prepared, stats.variance).astype(np.float32)
     mask = (mean > 0.5).astype(np.uint8)
-    from .nifti_io import save_like
-    # the provenance file marks a complete set: an old one must not vouch for maps half replaced (--overwrite)
-    paths["provenance"].unlink(missing_ok=True)
-    save_like(case.reference, mean, paths["mean"], np.float32)
-    save_like(case.reference, variance, paths["variance"], np.float32)
-    save_like(case.reference, mask, paths["mask"], np.uint8)
-    if samples is not None:
+    if save_samples:
         paths["samples"] = out_dir / f"{case.case_id}_samples.nii.gz"
-        _save_samples(case.reference, prepared, samples, paths["samples"])
-    if not overview:
+    picture = _overview_png(case, card, plan, n, seed, mean, variance) if overview else None
+    if picture is None:
         paths.pop("overview")
-    else:
-        try:
-            from .overview import write_overview
-            paths["overview"] = write_overview(
-                out_dir / f"{case.case_id}_overview.png", case.images[-1].data, mean, variance,
-                case.reference.affine, image_label=card.modalities[-1],
-                title=f"{case.case_id} — {card.name}, {plan.sampler} {plan.steps} steps, N={n}, seed {seed}")
-        except ImportError:  # matplotlib missing: the maps are written, the picture is skipped
-            paths.pop("overview")
+    with AtomicFiles() as files:  # every map complete on disk before any replaces an old one
+        files.write_bytes(paths["mean"], encode_like(case.reference, mean, paths["mean"], np.float32))
+        files.write_bytes(paths["variance"], encode_like(case.reference, variance, paths["variance"], np.float32))
+        files.write_bytes(paths["mask"], encode_like(case.reference, mask, paths["mask"], np.uint8))
+        if samples is not None:
+            files.write_bytes(paths["samples"], _samples_blob(case.reference, prepared, samples, paths["samples"]))
+        if picture is not None:
+            files.write_bytes(paths["overview"], picture)
+        # the provenance file marks a complete set: an old one must not vouch for maps half replaced
+        paths["provenance"].unlink(missing_ok=True)
+        files.commit()
     timings["write_s"] = time.perf_counter() - t2
     prov = {
-        "case_id": case.case_id, "complete": True, "inputs": case.sources,
-        "input_sha256": {m: _sha256(Path(p)) for m, p in case.sources.items()},
-        "model_card": card.to_dict(), "sampling": {**plan.describe(), "n": n, "seed": seed, "batch_size": bs,
-                                                   "slices": S, "work_items": items},
+        "case_id": case.case_id, "complete": True, "inputs": case.sources, "input_sha256": input_sha,
+        "model_sha256": model_sha, "model_card": card.to_dict(),
+        "sampling": {**plan.describe(), "n": n, "seed": seed, "batch_size": bs, "batch_size_final": saved["bs"],
+                     "resumed_from_item": start, "slices": S, "work_items": items},
         "backend": backend.describe(), "versions": _versions(), "timings": timings,
         "outputs": {k: str(v.name) for k, v in paths.items() if k != "provenance"}, "command": command,
         "definitions": {"mean": "mean over members of clip((x0-low)/(high-low), 0, 1)",
                         "variance": "population variance over members of the same", "mask": "mean > 0.5"},
     }
     _write_json_atomic(paths["provenance"], prov)  # written last: marks completion
+    partial.remove()
     return SegmentResult(case.case_id, paths, mean, variance, mask, prov)
 
 
-def _save_samples(reference: LoadedImage, prepared, samples: np.ndarray, path: Path) -> None:
-    from .nifti_io import save_like
+def _overview_png(case: CaseInput, card: ModelCard, plan: SamplingPlan, n: int, seed: int, mean: np.ndarray,
+                  variance: np.ndarray) -> bytes | None:
+    """The overview picture as PNG bytes, or None where matplotlib is missing (the maps are written anyway)."""
+    try:
+        from .overview import write_overview
+    except ImportError:
+        return None
+    buf = io.BytesIO()
+    try:
+        write_overview(f"{case.case_id}_overview.png", case.images[-1].data, mean, variance, case.reference.affine,
+                       image_label=card.modalities[-1], file=buf,
+                       title=f"{case.case_id} — {card.name}, {plan.sampler} {plan.steps} steps, N={n}, seed {seed}")
+    except ImportError:
+        return None
+    return buf.getvalue() or None
+
+
+def _samples_blob(reference: LoadedImage, prepared, samples: np.ndarray, path: Path) -> bytes:
+    """Every member's mask as a 4D uint8 NIfTI [..., n] on the reference grid."""
     vols = [restore(prepared, samples[:, m]) for m in range(samples.shape[1])]
     arr = (np.stack(vols, axis=-1) > 0.5).astype(np.uint8)
     hdr = reference.image.header.copy()
     hdr.set_data_shape(arr.shape)
     img = type(reference.image)(arr, reference.image.affine, hdr)
-    save_like(LoadedImage(data=arr, image=img, path=reference.path), arr, path, np.uint8)
+    return encode_like(LoadedImage(data=arr, image=img, path=reference.path), arr, path, np.uint8)
 
 
 def open_model(model: str | Path | None, backend: str, device: str = "auto") -> StepBackend:

@@ -1,7 +1,7 @@
 """Export of the denoising step (U-Net + fused update) to ONNX, with the model card inside.
 
-Owns: `export_onnx` (safetensors -> .onnx with a dynamic batch axis, checked by onnx.checker, card in
-`metadata_props`) and `check_parity` (onnxruntime vs torch on the same inputs).
+Owns: `export_onnx` (safetensors -> .onnx with a dynamic batch axis, checked by onnx.checker, card and
+content digest in `metadata_props`) and `check_parity` (onnxruntime vs torch on the same inputs).
 Imports: torch, onnx, `diffseg_engine.train.step`, runtime ground floor. Nothing in the runtime imports this
 except `backends.ort.ensure_onnx`, lazily, when the user hands it safetensors weights.
 """
@@ -19,6 +19,7 @@ from diffseg_engine.atomic import atomic_write
 from diffseg_engine.backends.base import STEP_INPUTS, STEP_OUTPUT
 from diffseg_engine.card import CARD_KEY, ModelCard
 from diffseg_engine.errors import ModelFileError
+from diffseg_engine.onnx_file import DIGEST_KEY, content_digest
 from diffseg_engine.weights import load_weights
 
 from ..train.step import DenoisingStep, build_step
@@ -61,6 +62,9 @@ def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path) ->
             entry = model.metadata_props.add()
             entry.key, entry.value = k, v
         model.producer_name = "diffseg-engine"
+        digest = content_digest(model.SerializeToString())  # covers everything but its own entry, added last
+        entry = model.metadata_props.add()
+        entry.key, entry.value = DIGEST_KEY, digest
         with atomic_write(out) as f:
             f.write(model.SerializeToString())
     finally:

@@ -388,21 +388,23 @@ def test_segment_brats18_folder_rerun_refused_overwrite_and_samples(shared_data,
     code, err = _cli(args)
     assert code != 0 and "--overwrite" in err and len(err.splitlines()) == 1, err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    # an --overwrite that dies while writing the maps leaves no provenance claiming a complete set
-    import diffseg_engine.nifti_io
-    real_save = diffseg_engine.nifti_io.save_like
+    # an --overwrite that dies while writing the maps leaves the earlier complete set (and its provenance) as
+    # it was: the new maps are all written to temporary files before any replaces an old one
+    import diffseg_engine.segment
+    real_encode = diffseg_engine.segment.encode_like
 
-    def failing_save(ref, arr, path, dtype=np.float32):
+    def failing_encode(ref, arr, path, dtype=np.float32):
         if "variance" in Path(path).name:
             raise OutputError("cannot be written (disk full)", path=path)
-        return real_save(ref, arr, path, dtype)
-    monkeypatch.setattr(diffseg_engine.nifti_io, "save_like", failing_save)
+        return real_encode(ref, arr, path, dtype)
+    monkeypatch.setattr(diffseg_engine.segment, "encode_like", failing_encode)
     eng = open_model(onnx_path, "onnxruntime", "cpu")
     with pytest.raises(OutputError, match="disk full"):
         segment_case(resolve_case([case], [], card), eng, out, n=1, plan=plan_sampling(card, "ddim", 1),
                      overwrite=True, quiet=True, overview=False)
-    assert not (out / "BraTS18_CBICA_AOO_provenance.json").exists()
-    monkeypatch.setattr(diffseg_engine.nifti_io, "save_like", real_save)
+    visible = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
+    assert visible == before  # only the hidden unfinished-work folder (for a resume) was added
+    monkeypatch.setattr(diffseg_engine.segment, "encode_like", real_encode)
     # --overwrite replaces them (same seed: same maps); --save-samples adds every member's mask
     code, err = _cli([*args, "--overwrite", "--save-samples"])
     assert code == 0, err

@@ -1,8 +1,10 @@
 """The one small interface every runtime implements: a whole denoising step for a batch.
 
-Owns: `StepBackend` (load, allocate, infer), `STEP_INPUTS` (names and shapes of the step graph), and
-`open_backend` (name -> backend). Imports: numpy, `card`, `errors`; implementations import their runtime
-lazily, so choosing one never loads another.
+Owns: `StepBackend` (load, allocate, infer), `STEP_INPUTS` (names and shapes of the step graph),
+`open_backend` (name -> backend), `read_card` (a model file's card without loading the model) and
+`batch_memory_error` (a runtime's out-of-memory failure -> `BatchMemoryError`, which the sampler answers by
+halving the chunk). Imports: numpy, `card`, `errors`, `weights`, `onnx_file`; implementations import their
+runtime lazily, so choosing one never loads another.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..card import ModelCard
-from ..errors import BackendError, UsageError
+from ..card import CARD_KEY, ModelCard
+from ..errors import BackendError, BatchMemoryError, ModelFileError, UsageError
 
 #: Inputs of the step graph, in order: name -> shape (B = batch, C = modalities, H = W = image size).
 STEP_INPUTS = {
@@ -26,6 +28,10 @@ STEP_INPUTS = {
 STEP_OUTPUT = "x_prev"
 
 BACKENDS = ("onnxruntime", "torch")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+#: What onnxruntime (CPU arena, CUDA, cuBLAS/cuDNN) and torch say when an allocation fails.
+_OOM = re.compile(r"failed to allocate memory|bad_alloc|bad allocation|out of memory|OUT_OF_MEMORY|ALLOC_FAILED"
+                  r"|cudaErrorMemoryAllocation|can't allocate memory|not enough memory", re.IGNORECASE)
 
 
 class StepBackend(ABC):
@@ -51,12 +57,50 @@ class StepBackend(ABC):
         return {"backend": self.name, "device": self.device}
 
 
+def batch_memory_error(exc: BaseException, batch: int, backend: str) -> BatchMemoryError | None:
+    """The `BatchMemoryError` for `exc` if it is an allocation failure, else None."""
+    text = " ".join(str(exc).split())
+    found = _OOM.search(text)
+    if not (found or isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):
+        return None
+    text = (text[found.start():] if found else text)[:120] or type(exc).__name__  # the runtime's own words
+    return BatchMemoryError(f"{backend} ran out of memory at batch size {batch} ({text.rstrip('.')})")
+
+
+def read_card(model: str | Path) -> ModelCard:
+    """The card of a .onnx or .safetensors model file, read cheaply (no session, no weights), so that
+    `segment` can check its options and inputs before any model is loaded. An ONNX file is also checked here
+    (structure, external data, content digest: `onnx_file.inspect_onnx`); safetensors weights are checked
+    against the card's sha256 when they are loaded."""
+    model = Path(model)
+    if not model.exists():
+        raise ModelFileError("model file not found", path=model, fix="check the --model path")
+    if model.is_dir():
+        raise ModelFileError("is a folder", path=model, fix="give the .onnx or .safetensors file itself")
+    if model.suffix == ".onnx":
+        from ..onnx_file import inspect_onnx
+        return inspect_onnx(model).card
+    if model.suffix == ".safetensors":
+        from ..weights import read_metadata
+        meta = read_metadata(model)
+        if CARD_KEY not in meta:
+            raise ModelFileError("safetensors file has no diffseg model card in its metadata", path=model,
+                                 fix="write it with `diffseg-engine train` or `diffseg-engine export`")
+        return ModelCard.from_json(meta[CARD_KEY], source=model)
+    if model.suffix in (".pt", ".pth"):
+        raise ModelFileError("is a PyTorch checkpoint; segment runs .onnx or .safetensors models", path=model,
+                             fix="convert it with `diffseg-engine export FILE` (it is never unpickled unless you "
+                                 "add --trust-pickle there)")
+    raise ModelFileError("is not a model file this engine runs", path=model,
+                         fix="give a .onnx or .safetensors file written by diffseg-engine")
+
+
 def open_backend(name: str, model: str | Path, *, device: str = "auto") -> StepBackend:
     """Open `model` (.onnx or .safetensors) on backend `name` ("onnxruntime" | "torch").
 
     device: "auto" (CUDA where it works, else CPU), "cpu", "cuda" or "cuda:N"; anything else is a UsageError
     (it would otherwise run on the CPU silently)."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+    if not re.fullmatch(DEVICE_PATTERN, device):
         raise UsageError(f"unknown --device {device!r}", fix="use auto, cpu, cuda or cuda:N")
     if name == "onnxruntime":
         from .ort import OnnxRuntimeBackend

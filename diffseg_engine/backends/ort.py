@@ -1,8 +1,10 @@
 """The onnxruntime backend: the exported step graph (network + fused update) on CPU or CUDA.
 
 Owns: `OnnxRuntimeBackend`, checking that a requested CUDA provider is really active (onnxruntime falls
-back to CPU silently), and reading the model card from ONNX `metadata_props`.
-Imports: numpy, onnxruntime (lazily), `card`, `errors`, `backends.base`. Must not import torch.
+back to CPU silently), reading the model card from ONNX `metadata_props`, and turning onnxruntime's
+allocation failures into `BatchMemoryError`. Every file is checked by `onnx_file.inspect_onnx` before
+onnxruntime opens it. Imports: numpy, onnxruntime (lazily), `card`, `errors`, `onnx_file`, `backends.base`.
+Must not import torch.
 """
 from __future__ import annotations
 
@@ -13,14 +15,13 @@ import numpy as np
 
 from ..card import CARD_KEY, ModelCard
 from ..errors import BackendError, ModelFileError
-from .base import STEP_INPUTS, STEP_OUTPUT, StepBackend
+from ..onnx_file import inspect_onnx
+from .base import STEP_INPUTS, STEP_OUTPUT, StepBackend, batch_memory_error
 
 
 def read_onnx_card(path: str | Path) -> ModelCard:
-    """The model card stored in an ONNX file's metadata_props (no onnx package needed)."""
-    import onnxruntime as ort
-    sess = _session(Path(path), ["CPUExecutionProvider"], ort.SessionOptions())
-    return _card_of(sess, Path(path))
+    """The model card stored in an ONNX file's metadata_props (no onnx package, no session needed)."""
+    return inspect_onnx(path).card
 
 
 def _card_of(sess, path: Path) -> ModelCard:
@@ -33,8 +34,7 @@ def _card_of(sess, path: Path) -> ModelCard:
 
 def _session(path: Path, providers: list[str], opts):
     import onnxruntime as ort
-    if not path.is_file():
-        raise ModelFileError("model file not found", path=path, fix="check the --model path")
+    inspect_onnx(path)  # structure, external data inside its folder, content digest: before onnxruntime parses it
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / ... types
@@ -88,7 +88,14 @@ class OnnxRuntimeBackend(StepBackend):
 
     def infer(self, image, x_t, timestep, coef, noise) -> np.ndarray:
         feeds = {"image": image, "x_t": x_t, "timestep": timestep, "coef": coef, "noise": noise}
-        return self.session.run([STEP_OUTPUT], {k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()})[0]
+        try:
+            return self.session.run([STEP_OUTPUT], {k: np.ascontiguousarray(v, np.float32)
+                                                    for k, v in feeds.items()})[0]
+        except Exception as exc:  # onnxruntime raises its own RuntimeException / Fail types
+            oom = batch_memory_error(exc, len(x_t), self.name)
+            if oom is not None:
+                raise oom from None
+            raise
 
 
 def ensure_onnx(weights: str | Path) -> Path:

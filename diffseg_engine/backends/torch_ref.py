@@ -1,6 +1,7 @@
 """The torch reference backend: the same step in eager PyTorch (the only runtime module that imports train/).
 
-Owns: `TorchBackend`. Imports: torch, `diffseg_engine.train.step`, `weights`.
+Owns: `TorchBackend` (and turning torch's out-of-memory errors into `BatchMemoryError`). Imports: torch,
+`diffseg_engine.train.step`, `weights`.
 """
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import numpy as np
 
 from ..errors import BackendError, ModelFileError
 from ..weights import load_weights
-from .base import StepBackend
+from .base import StepBackend, batch_memory_error
 
 
 class TorchBackend(StepBackend):
     name = "torch"
 
-    def __init__(self, step, card, device: str):
-        self.step, self.card, self._device = step, card, device
+    def __init__(self, step, card, device: str, path: Path | None = None):
+        self.step, self.card, self._device, self.path = step, card, device, path
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "auto") -> "TorchBackend":
@@ -37,7 +38,7 @@ class TorchBackend(StepBackend):
         tensors, card = load_weights(path)
         dev = device if device.startswith("cuda") else "cuda" if device == "auto" and torch.cuda.is_available() \
             else "cpu"
-        return cls(build_step(card, tensors).to(dev), card, dev)
+        return cls(build_step(card, tensors).to(dev), card, dev, path)
 
     @property
     def device(self) -> str:
@@ -45,7 +46,15 @@ class TorchBackend(StepBackend):
 
     def infer(self, image, x_t, timestep, coef, noise) -> np.ndarray:
         import torch
-        with torch.inference_mode():
-            args = [torch.from_numpy(np.require(a, np.float32, ("C", "W"))).to(self._device)  # W: no read-only views
-                    for a in (image, x_t, timestep, coef, noise)]
-            return self.step(*args).float().cpu().numpy()
+        try:
+            with torch.inference_mode():
+                args = [torch.from_numpy(np.require(a, np.float32, ("C", "W"))).to(self._device)  # W: no read-only
+                        for a in (image, x_t, timestep, coef, noise)]
+                return self.step(*args).float().cpu().numpy()
+        except Exception as exc:  # torch.cuda.OutOfMemoryError, or the CPU allocator's RuntimeError
+            oom = batch_memory_error(exc, len(x_t), self.name)
+            if oom is None:
+                raise
+        if self._device.startswith("cuda"):
+            torch.cuda.empty_cache()  # give the failed batch's blocks back before the sampler retries smaller
+        raise oom
