@@ -133,8 +133,9 @@ def segment(
     out: Path = typer.Option(Path("diffseg-out"), "--out", "-o", help="Output folder."),
     model: Optional[Path] = typer.Option(None, "--model", help=".onnx or .safetensors (default: the shipped model)."),
     n: int = typer.Option(5, "--n", help="Ensemble size: samples per slice."),
-    sampler: str = typer.Option("ddim", help="ddpm (the paper's, with learned variance) | ddim."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 1000 for ddpm, 50 for ddim)."),
+    sampler: str = typer.Option("ddpm", help="ddpm (the paper's, with learned variance) | ddim."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 25 for ddpm, respaced; 1000 is the "
+                                                   "paper's; 50 for ddim)."),
     eta: float = typer.Option(0.0, help="DDIM eta (0: deterministic update)."),
     seed: int = typer.Option(0, help="Seed: same seed, same masks, whatever the batch size."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
@@ -152,11 +153,11 @@ def segment(
     from .backends.base import read_card
     _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
                             backend=backend, device=device)
-    from .sampler import plan_sampling
+    from .sampler import default_steps, plan_sampling
     from .segment import check_output, default_model, open_model, resolve_case, segment_case
     model_path = model or default_model()
     card = read_card(model_path)  # the card only: no session, no weights yet
-    plan = plan_sampling(card, sampler, steps if steps is not None else (50 if sampler == "ddim" else None), eta)
+    plan = plan_sampling(card, sampler, steps if steps is not None else default_steps(sampler), eta)
     case = resolve_case(list(inputs or []), modality, card)
     check_output(out, case, overwrite=overwrite)
     eng = open_model(model_path, backend, device)
@@ -208,8 +209,8 @@ def evaluate(
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     n: int = typer.Option(5, "--n", help="Ensemble size."),
-    sampler: str = typer.Option("ddim", help="ddpm | ddim."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 1000 for ddpm, 50 for ddim)."),
+    sampler: str = typer.Option("ddpm", help="ddpm | ddim."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 25 for ddpm, 50 for ddim)."),
     eta: float = typer.Option(0.0, help="DDIM eta."),
     seed: int = typer.Option(0, help="Seed."),
     batch_size: int = typer.Option(0, help="Work items per engine call (0: automatic)."),
@@ -225,10 +226,10 @@ def evaluate(
     if predictions is None:
         _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
                                 backend=backend, device=device)
-        from .sampler import plan_sampling
+        from .sampler import default_steps, plan_sampling
         from .segment import open_model
         eng = open_model(model, backend, device)
-        plan = plan_sampling(eng.card, sampler, steps if steps is not None else (50 if sampler == "ddim" else None), eta)
+        plan = plan_sampling(eng.card, sampler, steps if steps is not None else default_steps(sampler), eta)
     res = evaluate_folder(data, out, predictions=predictions, backend=eng, plan=plan, n=n, seed=seed,
                           batch_size=batch_size, policy=policy,
                           ensemble_sizes=[int(k) for k in sizes.split(",")] if sizes else None,
@@ -242,7 +243,7 @@ def evaluate(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder."),
     n: int = typer.Option(3, "--n", help="Ensemble size."),
-    steps: int = typer.Option(10, help="DDIM steps."),
+    steps: int = typer.Option(10, help="DDPM steps (respaced)."),
     seed: int = typer.Option(0, help="Seed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -251,7 +252,7 @@ def demo(
     from .sampler import plan_sampling
     eng = open_model(None, "onnxruntime", "auto")
     case = resolve_case([DEMO_INPUT], [], eng.card)
-    res = segment_case(case, eng, out, n=n, plan=plan_sampling(eng.card, "ddim", steps), seed=seed,
+    res = segment_case(case, eng, out, n=n, plan=plan_sampling(eng.card, "ddpm", steps), seed=seed,
                        overwrite=True, quiet=quiet, command=" ".join(sys.argv))
     typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels (mask > 0.5), "
                f"sampling {res.provenance['timings']['sampling_s']:.0f} s on {res.provenance['backend']['device']}")

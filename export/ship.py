@@ -23,6 +23,12 @@ def ship_default(run_dir: str | Path, models_dir: str | Path = MODELS_DIR, *, na
     run_dir, models_dir = Path(run_dir), Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     tensors, card = load_weights(run_dir / "model.safetensors")
+    log = run_dir / "train_log.jsonl"
+    if log.exists():  # where it was trained, from the log's session lines
+        sessions = [json.loads(line) for line in log.read_text().splitlines() if '"session"' in line]
+        devices = sorted({s["device"] for s in sessions if s.get("event") == "session"})
+        if devices:
+            card = card.replace(training={**card.training, "devices": devices})
     half = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in tensors.items()}
     card = save_weights(models_dir / f"{name}.safetensors", half,
                         card.replace(name=f"diffseg-{name}-{card.preset}-{'-'.join(card.modalities)}"))

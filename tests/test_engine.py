@@ -309,7 +309,7 @@ def _cli(args: list) -> tuple[int, str]:
 
 
 def _lib(inputs: list, model: Path, out: Path, *, modality: tuple[str, ...] = (), n: int = 2, steps: int = 2,
-         seed: int = 0, sampler: str = "ddim", batch_size: int = 0, backend: str = "onnxruntime",
+         seed: int = 0, sampler: str = "ddpm", batch_size: int = 0, backend: str = "onnxruntime",
          save_samples: bool = False):
     """The library path of `segment` (no overview picture: matplotlib drawing would dominate the test time)."""
     eng = open_model(model, backend, "cpu")
@@ -318,7 +318,7 @@ def _lib(inputs: list, model: Path, out: Path, *, modality: tuple[str, ...] = ()
                         batch_size=batch_size, quiet=True, overview=False, save_samples=save_samples)
 
 
-def _check_outputs(out: Path, case_id: str, inputs: list[Path], card, *, n: int, steps: int, sampler="ddim",
+def _check_outputs(out: Path, case_id: str, inputs: list[Path], card, *, n: int, steps: int, sampler="ddpm",
                    backend="onnxruntime", shape=None, seed=0):
     """The promises on the files of one segmented case; returns (maps, provenance)."""
     ref = nib.load(str(inputs[0]))
