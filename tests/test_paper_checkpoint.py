@@ -17,6 +17,7 @@ pytest.importorskip("onnxruntime")
 
 from typer.testing import CliRunner  # noqa: E402
 
+from _perturb import perturbed  # noqa: E402
 from diffseg_engine.card import Architecture  # noqa: E402
 from diffseg_engine.cli import app  # noqa: E402
 from diffseg_engine.errors import EXIT_CODES, ModelFileError  # noqa: E402
@@ -47,14 +48,8 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def _randomised_small(seed: int = 0) -> UNetModel:
-    """The zero-initialised output convs make a fresh U-Net output 0: perturb every parameter."""
     torch.manual_seed(seed)
-    model = UNetModel(SMALL)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return perturbed(UNetModel(SMALL), seed)
 
 
 @pytest.fixture(scope="module")

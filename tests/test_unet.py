@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _perturb import perturbed  # noqa: E402
 from diffseg_engine.card import Architecture  # noqa: E402
 from diffseg_engine.errors import ModelFileError  # noqa: E402
 from diffseg_engine.train.unet import (  # noqa: E402
@@ -101,19 +102,10 @@ def reference_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """The zero-initialised output convs make an untrained U-Net output 0: perturb every parameter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def small_model() -> UNetModel:
     torch.manual_seed(0)
-    return _randomize(UNetModel(SMALL))
+    return perturbed(UNetModel(SMALL))
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +150,7 @@ def test_fresh_model_outputs_zero_like_reference():
 def test_variants_run(flags):
     arch = Architecture(in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                         attention_ds=(1, 2), out_channels=1, **flags)
-    model = _randomize(UNetModel(arch))
+    model = perturbed(UNetModel(arch))
     with torch.no_grad():
         y = model(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]))
     assert y.shape == (2, 1, 16, 16) and torch.isfinite(y).all()
@@ -174,7 +166,7 @@ def test_timestep_embedding_matches_formula():
 
 
 def test_attention_uses_legacy_head_order():
-    block = _randomize(AttentionBlock(64, num_heads=2))
+    block = perturbed(AttentionBlock(64, num_heads=2))
     x = torch.randn(2, 64, 4, 4)
     with torch.no_grad():
         got = block(x)
