@@ -136,6 +136,19 @@ class ModelCard:
     def replace(self, **changes: Any) -> "ModelCard":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def objective(self) -> str:
+        """"diffusion" (a mask-generating DDPM) or "segmentation" (the deterministic U-Net baseline)."""
+        return str(self.training.get("objective", "diffusion"))
+
+    def require_diffusion(self, source: object = None) -> "ModelCard":
+        """Refuse a deterministic baseline where a diffusion model is needed (it would sample noise)."""
+        if self.objective != "diffusion":
+            raise ModelFileError(f"is a deterministic U-Net baseline (objective {self.objective!r}), not a "
+                                 "diffusion model", path=source,
+                                 fix="give a model trained with `diffseg-engine train` (--objective diffusion)")
+        return self
+
     # ---- JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,17 +1,21 @@
 """Training on real BraTS slices: the loss falls, checkpoints round-trip, resume continues exactly."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from diffseg_engine.backends.base import read_card
+from diffseg_engine.errors import ModelFileError, UsageError
 from diffseg_engine.schedule import tables_for
 from diffseg_engine.train.data import BatchSampler, labelled_cases, load_slices, split_cases
-from diffseg_engine.train.losses import TorchTables, hybrid_loss
+from diffseg_engine.train.losses import TorchTables, hybrid_loss, segmentation_loss
 from diffseg_engine.train.loop import TrainConfig, train
 from diffseg_engine.train.presets import build_card, get_preset
+from diffseg_engine.train.step import build_step
 from diffseg_engine.train.unet import UNetModel, load_state_dict_strict
 from diffseg_engine.weights import load_weights
 
@@ -95,3 +99,62 @@ def test_checkpoint_round_trip_and_exact_resume(shared_data, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "checkpoint"] == [3, 6]
     assert all(np.isfinite(r["val_mse"]) for r in log if r["event"] == "checkpoint")
+
+
+@pytest.mark.slow
+def test_max_minutes_stops_with_a_checkpoint_and_resume_continues_exactly(shared_data, tmp_path):
+    """A time budget stops after the step in progress, checkpoints and says so; --resume then ends exactly
+    where an uninterrupted run ends."""
+    straight = train(_cfg(shared_data, tmp_path / "a", 4), quiet=True)
+    cfg = dataclasses.replace(_cfg(shared_data, tmp_path / "b", 4), max_minutes=1e-6)
+    train(cfg, quiet=True)
+    log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    stopped = [r for r in log if r["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["step"] == 1 and "--max-minutes" in stopped[0]["reason"]
+    assert [r["step"] for r in log if r["event"] == "checkpoint"] == [1]
+    assert load_weights(tmp_path / "b" / "model.safetensors")[1].training["steps"] == 1
+    resumed = train(_cfg(shared_data, tmp_path / "b", 4), resume=True, quiet=True)
+    wa, ca = load_weights(straight)
+    wb, cb = load_weights(resumed)
+    assert ca.training["steps"] == cb.training["steps"] == 4 and ca.weights_sha256 == cb.weights_sha256
+
+
+def test_segmentation_objective_learns_and_is_refused_where_a_diffusion_model_is_needed(shared_data, tmp_path):
+    """The deterministic baseline (same U-Net, image + zero channel, t = 0) fits real slices; its file says
+    what it is, and segment/export refuse it instead of sampling noise from it."""
+    card, data = _few_slices(shared_data)
+    torch.manual_seed(0)
+    model = UNetModel(card.architecture)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    img, msk = torch.from_numpy(data.images), torch.from_numpy(data.masks)
+    low, high = card.diffusion.mask_low, card.diffusion.mask_high
+    with torch.no_grad():
+        before = float(segmentation_loss(model, img, msk, low, high).loss.mean())
+    for _ in range(40):
+        loss = segmentation_loss(model, img, msk, low, high).loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(segmentation_loss(model, img, msk, low, high).loss.mean()) < 0.7 * before
+
+    cfg = dataclasses.replace(_cfg(shared_data, tmp_path / "seg", 2), objective="segmentation")
+    path = train(cfg, quiet=True)
+    tensors, saved = load_weights(path)
+    assert saved.objective == "segmentation"
+    log = [json.loads(line) for line in (tmp_path / "seg" / "train_log.jsonl").read_text().splitlines()]
+    assert {"bce", "dice_loss"} <= set(next(r for r in log if r["event"] == "train"))
+    with pytest.raises(ModelFileError, match="deterministic U-Net baseline"):
+        read_card(path)
+    with pytest.raises(ModelFileError, match="deterministic U-Net baseline"):
+        build_step(saved, tensors)
+
+
+def test_training_options_are_checked(shared_data, tmp_path):
+    for change, needle in [(dict(objective="regression"), "--objective"), (dict(max_minutes=-1.0), "--max-minutes"),
+                           (dict(device="tpu"), "--device")]:
+        with pytest.raises(UsageError, match=needle):
+            train(dataclasses.replace(_cfg(shared_data, tmp_path / "x", 2), **change), quiet=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            train(dataclasses.replace(_cfg(shared_data, tmp_path / "y", 2), device="cuda"), quiet=True)

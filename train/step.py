@@ -47,6 +47,7 @@ class DenoisingStep(nn.Module):
 def build_step(card: ModelCard, tensors: dict) -> DenoisingStep:
     """A DenoisingStep in eval mode with weights `tensors` (numpy or torch) loaded strictly."""
     from .unet import load_state_dict_strict
+    card.require_diffusion(card.name)
     net = UNetModel(card.architecture)
     load_state_dict_strict(net, {k: torch.as_tensor(v) for k, v in tensors.items()})
     return DenoisingStep(net, card).eval()

@@ -86,7 +86,7 @@ def read_card(model: str | Path) -> ModelCard:
         if CARD_KEY not in meta:
             raise ModelFileError("safetensors file has no diffseg model card in its metadata", path=model,
                                  fix="write it with `diffseg-engine train` or `diffseg-engine export`")
-        return ModelCard.from_json(meta[CARD_KEY], source=model)
+        return ModelCard.from_json(meta[CARD_KEY], source=model).require_diffusion(model)
     if model.suffix in (".pt", ".pth"):
         raise ModelFileError("is a PyTorch checkpoint; segment runs .onnx or .safetensors models", path=model,
                              fix="convert it with `diffseg-engine export FILE` (it is never unpickled unless you "
