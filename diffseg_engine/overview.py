@@ -49,7 +49,9 @@ def write_overview(path: str | Path, image: np.ndarray, mean: np.ndarray, varian
         a0.imshow(view(ax_img[z]), cmap="gray", vmin=lo, vmax=hi)
         a0.set_title(f"{image_label}, slice {z}")
         a1.imshow(view(ax_img[z]), cmap="gray", vmin=lo, vmax=hi)
-        m = a1.imshow(view(np.ma.masked_less(ax_mean[z], 0.02)), cmap="autumn", vmin=0, vmax=1, alpha=0.6)
+        # opacity follows the mean, so a confident mask stands out and a faint, uncertain haze stays faint
+        m = a1.imshow(view(np.ma.masked_less(ax_mean[z], 0.02)), cmap="autumn", vmin=0, vmax=1,
+                      alpha=view(np.clip(ax_mean[z], 0.0, 1.0) * 0.85))
         if (ax_mean[z] > 0.5).any() and (ax_mean[z] < 0.5).any():
             a1.contour(view(ax_mean[z]), levels=[0.5], colors="cyan", linewidths=0.8)
         a1.set_title("ensemble mean (cyan: mask > 0.5)")
