@@ -259,3 +259,24 @@ def test_model_timesteps_and_module_imports(lin):
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "torch" not in roots and roots <= {"__future__", "dataclasses", "math", "collections", "numpy", "errors"}
+
+
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_ddpm_rows_with_the_exact_noise_reproduce_the_forward_marginals(lin, steps):
+    """With the ε of a known x0 (a perfect denoiser for one mask value) and the posterior variance (v = -1),
+    the DDPM rows, full or respaced, walk x_t with mean sqrt(ᾱ_t)·x0 and std sqrt(1-ᾱ_t) down to x0 itself:
+    if the sampler's samples fall short of ±1, the network is the cause, not the update."""
+    tables = lin if steps == 1000 else S.respace(lin, S.space_timesteps(1000, [steps]))
+    coefs, ts = S.ddpm_coefficients(tables, learn_sigma=True), S.model_timesteps(tables).astype(int)
+    rng = np.random.default_rng(0)
+    x0 = -1.0
+    x = rng.standard_normal((20000, 1, 1, 1))
+    for i in range(len(coefs) - 1, -1, -1):
+        t = ts[i]
+        eps = (x - math.sqrt(lin.alphas_cumprod[t]) * x0) / math.sqrt(1 - lin.alphas_cumprod[t])
+        x = S.apply_step(coefs[i], x, eps, -np.ones_like(x), rng.standard_normal(x.shape), clip=(-1.0, 1.0))
+        if i and t in {ts[len(ts) * 4 // 5], ts[len(ts) // 2], ts[len(ts) // 5]}:
+            prev = ts[i - 1]  # x is now x_{prev}
+            assert abs(x.mean() - math.sqrt(lin.alphas_cumprod[prev]) * x0) < 0.02, (t, x.mean())
+            assert abs(x.std() - math.sqrt(1 - lin.alphas_cumprod[prev])) < 0.02, (t, x.std())
+    np.testing.assert_allclose(x, x0, atol=1e-6)
