@@ -1,0 +1,64 @@
+"""The shipped default model: what its files say, that they agree, and that it segments real tumour.
+
+`segment` without `--model` runs `diffseg_engine/models/default.onnx`; these tests pin what a user relies on
+when they do: a FLAIR diffusion model whose card, weights, ONNX graph and validation record belong together,
+and which finds tumour on a validation patient it was never trained on.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffseg_engine.backends.base import read_card
+from diffseg_engine.cases import find_case
+from diffseg_engine.nifti_io import load_image
+from diffseg_engine.noise import NoiseStreams
+from diffseg_engine.onnx_file import inspect_onnx
+from diffseg_engine.preprocess import prepare_case, prepare_label
+from diffseg_engine.sampler import plan_sampling, sample_ensemble
+from diffseg_engine.segment import DEFAULT_MODEL_DIR, default_model, open_model
+from diffseg_engine.weights import load_weights
+
+
+def test_shipped_files_belong_together_and_fit_the_budget():
+    onnx, st = DEFAULT_MODEL_DIR / "default.onnx", DEFAULT_MODEL_DIR / "default.safetensors"
+    assert default_model() == onnx
+    assert onnx.stat().st_size + st.stat().st_size <= 25 * 2**20
+    card = read_card(onnx)
+    tensors, st_card = load_weights(st)  # checks the weights against the card's sha256
+    assert card == st_card and card.objective == "diffusion"
+    assert card.modalities == ("flair",) and card.preset == "cpu"
+    info = inspect_onnx(onnx)
+    assert info.stored_digest == info.digest and not info.external
+    tr = card.training
+    assert tr["steps"] > 0 and tr["val_cases"] and not set(tr["val_cases"]) & set(tr["train_cases"])
+    validation = json.loads((DEFAULT_MODEL_DIR / "default_validation.json").read_text())
+    assert validation["validation_cases"] == tr["val_cases"]
+    log = [json.loads(line) for line in (DEFAULT_MODEL_DIR / "default_train_log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log if r["event"] == "checkpoint") == tr["steps"]
+
+
+def test_shipped_onnx_equals_its_torch_weights():
+    pytest.importorskip("torch")
+    from diffseg_engine.export.onnx_export import check_parity
+    assert check_parity(DEFAULT_MODEL_DIR / "default.safetensors", DEFAULT_MODEL_DIR / "default.onnx") < 1e-4
+
+
+@pytest.mark.slow
+def test_shipped_model_finds_the_tumour_of_a_validation_patient(shared_data):
+    """The 4 slices with the most tumour of BraTS18_CBICA_ASK (held out from training), DDPM 10 steps, N=3,
+    through the engine: the ensemble mask overlaps the ground truth (Dice > 0.5 on the network grid)."""
+    eng = open_model(None, "onnxruntime", "cpu")
+    case = find_case(shared_data / "train" / "BraTS18_CBICA_ASK")
+    assert case.case_id in eng.card.training["val_cases"]
+    img = load_image(case.require(["flair"])[0])
+    prep = prepare_case([img.data], img.affine, eng.card.preprocessing)
+    lab = prepare_label(load_image(case.label).data, prep)
+    pos = np.sort(np.argsort(lab.reshape(len(lab), -1).sum(1))[-4:])
+    stats = sample_ensemble(eng.infer, prep.inputs[pos], members=3, plan=plan_sampling(eng.card, "ddpm", 10),
+                            streams=NoiseStreams(0, case.case_id), slice_ids=pos, card=eng.card, batch_size=12)
+    pred, gt = stats.mean > 0.5, lab[pos] > 0.5
+    dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+    assert dice > 0.5, dice
