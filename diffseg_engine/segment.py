@@ -175,8 +175,15 @@ def _check_same_grid(images: list[LoadedImage], names: list[str]) -> None:
                                   path=im.path, fix="resample all modalities onto one grid (co-register) first")
 
 
-def default_batch_size(card: ModelCard, work_items: int) -> int:
-    """Largest batch whose activations fit comfortably in a quarter of the available memory (cap 256)."""
+#: On a CPU, batches past ~16 items buy no speed (benchmarks/results/flops-cpu.md: 72.5 ms per item at both 16
+#: and 64) but cost ~30 MiB each (end_to_end-cpu.md: 715 MiB peak at batch 8, 2161 MiB at 57, a whole
+#: volume); 32 keeps a whole volume well under 2 GB at any N. GPUs want large batches.
+CPU_BATCH_CAP = 32
+
+
+def default_batch_size(card: ModelCard, work_items: int, device: str = "cpu") -> int:
+    """Largest batch whose activations fit comfortably in a quarter of the available memory (cap 256; on a
+    CPU `CPU_BATCH_CAP`)."""
     avail = 4 << 30
     try:
         with open("/proc/meminfo") as f:
@@ -188,7 +195,8 @@ def default_batch_size(card: ModelCard, work_items: int) -> int:
     a = card.architecture
     # activations kept alive by the U-Net's skips, ~ model_channels * H * W floats * (levels, blocks) factor
     per_item = 4 * a.model_channels * card.image_size ** 2 * (4 * a.num_res_blocks + 6) * max(a.channel_mult)
-    return int(max(1, min(256, work_items, (avail // 4) // max(per_item, 1))))
+    cap = 256 if str(device).startswith("cuda") else CPU_BATCH_CAP
+    return int(max(1, min(cap, work_items, (avail // 4) // max(per_item, 1))))
 
 
 def output_paths(out_dir: Path, case_id: str) -> dict[str, Path]:
@@ -391,7 +399,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
         start, stats = 0, None  # --overwrite: unfinished work that cannot be resumed is discarded
         if samples is not None:
             samples[:] = 0
-    bs = batch_size or default_batch_size(card, items)
+    bs = batch_size or default_batch_size(card, items, backend.device)
     if start == 0:
         partial.start({"fingerprint": fingerprint, "batch_size": bs})
     elif not quiet:
