@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _host import cpu_busy_s, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine.noise import NoiseStreams
 from diffseg_engine.preprocess import PreparedCase
 from diffseg_engine.sampler import SamplingPlan, plan_sampling, sample_ensemble
@@ -62,19 +63,6 @@ def machine() -> dict:
     except OSError:
         pass
     return d
-
-
-def cpu_busy_s() -> float:
-    """Busy CPU seconds of the whole machine so far (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process and its finished children."""
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 def snapshot() -> tuple[float, float, float]:

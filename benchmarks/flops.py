@@ -21,7 +21,6 @@ import glob
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from _host import cpu_busy_s, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine.backends.ort import OnnxRuntimeBackend
 from diffseg_engine.segment import DEFAULT_MODEL_DIR
 from diffseg_engine.train.step import build_step
@@ -53,19 +53,6 @@ def machine() -> dict:
             "simd": " ".join(f for f in ("avx2", "fma", "avx512f") if f in flags), "python": platform.python_version(),
             "numpy": np.__version__, "numpy_blas": blas, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__}
-
-
-def cpu_busy_s() -> float:
-    """Busy CPU seconds of the whole machine so far (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process and its finished children."""
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 def best_of(fn, reps: int) -> float:
