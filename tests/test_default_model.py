@@ -62,3 +62,13 @@ def test_shipped_model_finds_the_tumour_of_a_validation_patient(shared_data):
     pred, gt = stats.mean > 0.5, lab[pos] > 0.5
     dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
     assert dice > 0.5, dice
+
+
+def test_default_batch_keeps_cpu_memory_bounded_and_lets_gpus_batch_wide():
+    """On a CPU the default batch never exceeds CPU_BATCH_CAP (a whole volume peaked at 1810 MiB there,
+    benchmarks/results/end_to_end-cpu.md); on CUDA it may grow; never more than the work there is."""
+    from diffseg_engine.segment import CPU_BATCH_CAP, default_batch_size
+    card = read_card(DEFAULT_MODEL_DIR / "default.onnx")
+    assert default_batch_size(card, 10_000, "cpu") <= CPU_BATCH_CAP
+    assert default_batch_size(card, 10_000, "cuda") >= default_batch_size(card, 10_000, "cpu")
+    assert default_batch_size(card, 3, "cuda") == 3
