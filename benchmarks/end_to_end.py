@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _host import cpu_busy_s, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from _host import cpu_busy_s, cpu_info, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine.noise import NoiseStreams
 from diffseg_engine.preprocess import PreparedCase
 from diffseg_engine.sampler import SamplingPlan, plan_sampling, sample_ensemble
@@ -49,9 +48,7 @@ from diffseg_engine.weights import file_sha256
 # ---- helpers ----------------------------------------------------------------------------------------------
 
 def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    d = {"host": platform.node(), "cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-         "numpy": np.__version__, "onnxruntime": __import__("onnxruntime").__version__}
+    d = {**cpu_info(), "numpy": np.__version__, "onnxruntime": __import__("onnxruntime").__version__}
     try:
         import torch
         d["torch"] = f"{torch.__version__} ({torch.get_num_threads()} threads)"

@@ -8,8 +8,6 @@ ratios measured in one run (the machine is shared and noisy), never asserted by 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _host import cpu_info  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine.backends.ort import OnnxRuntimeBackend
 from diffseg_engine.export.onnx_export import export_network_only, export_onnx
 from diffseg_engine.noise import NoiseStreams
@@ -30,8 +29,8 @@ from diffseg_engine.weights import load_weights, save_weights
 
 
 def _machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    return (f"{platform.node()} — {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
+    c = cpu_info()
+    return (f"{c['host']} — {c['cpu']}, {c['logical_cpus']} logical CPUs, Python {c['python']}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
             f"{__import__('onnxruntime').__version__}")
 

@@ -20,7 +20,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _host import cpu_busy_s, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from _host import cpu_busy_s, cpu_info, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine.backends.ort import OnnxRuntimeBackend
 from diffseg_engine.segment import DEFAULT_MODEL_DIR
 from diffseg_engine.train.step import build_step
@@ -40,8 +39,6 @@ from diffseg_engine.weights import file_sha256, load_weights
 
 
 def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
     blas = "?"
     try:
         cfg = np.show_config(mode="dicts")
@@ -49,9 +46,7 @@ def machine() -> dict:
         blas = f"{b.get('name', '?')} {b.get('version', '')}".strip()
     except Exception:  # older numpy: no dict mode
         pass
-    return {"host": platform.node(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-            "simd": " ".join(f for f in ("avx2", "fma", "avx512f") if f in flags), "python": platform.python_version(),
-            "numpy": np.__version__, "numpy_blas": blas, "torch": torch.__version__,
+    return {**cpu_info(), "numpy": np.__version__, "numpy_blas": blas, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__}
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _host import cpu_info  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine import nifti_io, preprocess
 from diffseg_engine.backends.base import STEP_INPUTS, STEP_OUTPUT
 from diffseg_engine.backends.ort import OnnxRuntimeBackend
@@ -56,13 +56,7 @@ DATA = Path(os.environ.get("DIFFSEG_DATA", ROOT.parent / "shared" / "data"))
 def _machine() -> dict:
     import onnxruntime as ort
     import torch
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    fam = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("cpu family")), "?")
-    return {"host": platform.node(), "cpu": cpu, "cpu_family": fam, "simd_flags": simd,
-            "logical_cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0],
-            "python": platform.python_version(), "onnxruntime": ort.__version__, "torch": torch.__version__,
+    return {**cpu_info(), "load_avg_at_start": os.getloadavg()[0], "onnxruntime": ort.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads()}
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _host import cpu_info  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine import metrics as M
 from diffseg_engine.cases import discover_cases
 from diffseg_engine.ensemble import member_probability
@@ -183,7 +183,7 @@ def single_member_rate(step, images: np.ndarray, plan, device: torch.device, n_s
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_info()['cpu']} x{torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def write_markdown(result: dict, path: Path) -> None:

@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
             opt.step()
             with torch.no_grad():
                 torch._foreach_mul_(ema_params, cfg.ema_rate)
-                torch._foreach_add_(ema_params, [p.detach() for p in model_params], alpha=1 - cfg.ema_rate)
+                torch._foreach_add_(ema_params, model_params, alpha=1 - cfg.ema_rate)
                 for k, v in terms.parts().items():
                     acc[k] = acc[k] + v.detach().mean() if k in acc else v.detach().mean()
             step += 1
