@@ -17,6 +17,9 @@ from .errors import ModelFileError
 FORMAT_VERSION = 1
 CARD_KEY = "diffseg_card"
 
+#: What network output channel 0 predicts (`DiffusionSpec.prediction`).
+PREDICTIONS = ("eps", "x0")
+
 #: Canonical modality names, in the paper's channel order. Files of other naming conventions map onto these.
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -64,6 +67,10 @@ class Preprocessing:
     intensities already in [0, 1] (the paper's reference 2D slices).
     crop_size: in-plane centre crop / zero pad to crop_size x crop_size (240 -> 224 is ``[8:-8, 8:-8]``).
     downsample: integer factor applied after cropping (area average); network size = crop_size // downsample.
+    orientation: the canonical voxel orientation (nibabel axis codes of the 3D volume, e.g. ``"LPS"`` as BraTS
+    stores it) every input is reoriented to before slicing, and its outputs reoriented back from.
+    spacing_mm: the in-plane voxel spacing the network was trained at; inputs whose spacing differs are
+    resampled in-plane to it (and outputs back onto the input grid).
     """
 
     intensity: str = "percentile"
@@ -71,6 +78,8 @@ class Preprocessing:
     percentile_high: float = 99.0
     crop_size: int = 224
     downsample: int = 1
+    orientation: str = "LPS"
+    spacing_mm: float = 1.0
 
     @property
     def image_size(self) -> int:
@@ -81,8 +90,13 @@ class Preprocessing:
 class DiffusionSpec:
     """The forward process the network was trained for.
 
-    mask_low/mask_high: the values background and tumour take in x_0 (the paper's code uses 0 and 1).
-    clip_denoised: clip the predicted x_0 to [mask_low - margin...]: the paper's code clips to [-1, 1].
+    mask_low/mask_high: the values background and tumour take in x_0 (the paper's code uses 0 and 1; a
+    "mask scale" b < 1 means masks at ±b, so x_t carries less of the mask at every t).
+    clip_denoised: clip the predicted x_0 to [clip_low, clip_high]: the paper's code clips to [-1, 1].
+    prediction: what network output channel 0 is. ``"eps"``: the noise (the paper). ``"x0"``: the tumour logit
+    ℓ of the clean mask, x_0 = mask_low + (mask_high - mask_low)·sigmoid(ℓ) (trained with BCE + Dice + MSE).
+    sampler, sampling_steps, eta: the sampler `segment` uses when none is asked for (what this model was
+    evaluated with).
     """
 
     schedule: str = "linear"
@@ -93,6 +107,15 @@ class DiffusionSpec:
     clip_denoised: bool = True
     clip_low: float = -1.0
     clip_high: float = 1.0
+    prediction: str = "eps"
+    sampler: str = "ddpm"
+    sampling_steps: int = 25
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ModelFileError(f"model card names an unknown prediction target {self.prediction!r}",
+                                 fix=f"one of {', '.join(PREDICTIONS)}; re-export with this diffseg-engine")
 
 
 @dataclass(frozen=True)
