@@ -70,6 +70,13 @@ def train(
     device: str = typer.Option("auto", help="auto (CUDA when PyTorch sees it) | cpu | cuda | cuda:N."),
     max_minutes: float = typer.Option(0.0, help="Stop after this many minutes of training, with a checkpoint "
                                                 "(continue later with --resume); 0: no limit."),
+    prediction: str = typer.Option("eps", help="Diffusion target: eps (the paper: noise, learned variance) | x0 "
+                                               "(the mask's logit, loss MSE + BCE + Dice; few-step sampling)."),
+    recycling: bool = typer.Option(False, "--recycling", help="x0 only: noise the model's own guess from pure noise "
+                                                              "instead of the true mask (Fu et al. 2023)."),
+    mask_scale: float = typer.Option(0.0, help="Masks at ±b in x_0 (0: the preset's values, ±1 or 0/1)."),
+    empty_share: float = typer.Option(-1.0, help="Share of tumour-free slices per batch (negative: the preset's "
+                                                 "tumour weighting)."),
     objective: str = typer.Option("diffusion", help="diffusion (the DDPM) | segmentation (a deterministic U-Net "
                                                     "of the same backbone: the baseline of the README's table)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to --steps."),
@@ -84,7 +91,8 @@ def train(
         steps=steps, batch_size=batch_size, lr=lr, ema_rate=ema_rate, checkpoint_every=checkpoint_every, log_every=log_every,
         val_cases=tuple(v.strip() for v in val_cases.split(",") if v.strip()) if val_cases else (),
         val_count=val_count, seed=seed, precision=precision, flip=flip, max_slices_per_case=max_slices_per_case,
-        threads=threads, device=device, max_minutes=max_minutes, objective=objective)
+        threads=threads, device=device, max_minutes=max_minutes, objective=objective,
+        prediction=prediction, recycling=recycling, mask_scale=mask_scale, empty_share=empty_share)
     path = run_training(cfg, resume=resume, quiet=quiet)
     typer.echo(f"model written to {path}")
 
@@ -133,10 +141,11 @@ def segment(
     out: Path = typer.Option(Path("diffseg-out"), "--out", "-o", help="Output folder."),
     model: Optional[Path] = typer.Option(None, "--model", help=".onnx or .safetensors (default: the shipped model)."),
     n: int = typer.Option(5, "--n", help="Ensemble size: samples per slice."),
-    sampler: str = typer.Option("ddpm", help="ddpm (the paper's, with learned variance) | ddim."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 25 for ddpm, respaced; 1000 is the "
-                                                   "paper's; 50 for ddim)."),
-    eta: float = typer.Option(0.0, help="DDIM eta (0: deterministic update)."),
+    sampler: Optional[str] = typer.Option(None, help="ddpm (the paper's) | ddim (default: the model card's, "
+                                                     "what the model was evaluated with)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the card's for its sampler, else 25 "
+                                                   "for ddpm, respaced, and 50 for ddim; 1000 is the paper's)."),
+    eta: Optional[float] = typer.Option(None, help="DDIM eta (0: deterministic update; default: the card's)."),
     seed: int = typer.Option(0, help="Seed: same seed, same masks, whatever the batch size."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
@@ -153,11 +162,11 @@ def segment(
     from .backends.base import read_card
     _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
                             backend=backend, device=device)
-    from .sampler import default_steps, plan_sampling
+    from .sampler import chosen_plan
     from .segment import check_output, default_model, open_model, resolve_case, segment_case
     model_path = model or default_model()
     card = read_card(model_path)  # the card only: no session, no weights yet
-    plan = plan_sampling(card, sampler, steps if steps is not None else default_steps(sampler), eta)
+    plan = chosen_plan(card, sampler, steps, eta)
     case = resolve_case(list(inputs or []), modality, card)
     check_output(out, case, overwrite=overwrite)
     eng = open_model(model_path, backend, device)
@@ -173,7 +182,8 @@ def segment(
                    f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
 
 
-def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_size: int, sampler: str, eta: float,
+def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_size: int, sampler: Optional[str],
+                            eta: Optional[float],
                             backend: str, device: str) -> None:
     """`UsageError` for option values that cannot work, before any file is opened."""
     import re
@@ -189,9 +199,9 @@ def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_si
         raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {batch_size}")
     if not 0 <= seed < 2**63:
         raise UsageError(f"--seed must lie in [0, 2**63), got {seed}")
-    if sampler not in SAMPLERS:
+    if sampler is not None and sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}", fix=f"choose one of {', '.join(SAMPLERS)}")
-    if not 0.0 <= eta <= 1.0:
+    if eta is not None and not 0.0 <= eta <= 1.0:
         raise UsageError(f"--eta must lie in [0, 1], got {eta}")
     if backend not in (*BACKENDS, "tensorrt"):
         raise UsageError(f"unknown backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
@@ -209,9 +219,9 @@ def evaluate(
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     n: int = typer.Option(5, "--n", help="Ensemble size."),
-    sampler: str = typer.Option("ddpm", help="ddpm | ddim."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 25 for ddpm, 50 for ddim)."),
-    eta: float = typer.Option(0.0, help="DDIM eta."),
+    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (default: the model card's)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the card's, else 25 for ddpm, 50 for ddim)."),
+    eta: Optional[float] = typer.Option(None, help="DDIM eta (default: the card's)."),
     seed: int = typer.Option(0, help="Seed."),
     batch_size: int = typer.Option(0, help="Work items per engine call (0: automatic)."),
     policy: str = typer.Option("brats", help="Empty-mask policy: brats (both empty: Dice 1, HD95 0; one empty: "
@@ -226,10 +236,10 @@ def evaluate(
     if predictions is None:
         _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
                                 backend=backend, device=device)
-        from .sampler import default_steps, plan_sampling
+        from .sampler import chosen_plan
         from .segment import open_model
         eng = open_model(model, backend, device)
-        plan = plan_sampling(eng.card, sampler, steps if steps is not None else default_steps(sampler), eta)
+        plan = chosen_plan(eng.card, sampler, steps, eta)
     res = evaluate_folder(data, out, predictions=predictions, backend=eng, plan=plan, n=n, seed=seed,
                           batch_size=batch_size, policy=policy,
                           ensemble_sizes=[int(k) for k in sizes.split(",")] if sizes else None,
@@ -242,17 +252,16 @@ def evaluate(
 @_handle_errors
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder."),
-    n: int = typer.Option(3, "--n", help="Ensemble size."),
-    steps: int = typer.Option(10, help="DDPM steps (respaced)."),
+    n: int = typer.Option(5, "--n", help="Ensemble size."),
     seed: int = typer.Option(0, help="Seed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Segment the shipped demo FLAIR volume (BraTS 2020, TCGA-DU-7294) with the shipped default model."""
     from .segment import DEMO_INPUT, open_model, resolve_case, segment_case
-    from .sampler import plan_sampling
+    from .sampler import chosen_plan
     eng = open_model(None, "onnxruntime", "auto")
     case = resolve_case([DEMO_INPUT], [], eng.card)
-    res = segment_case(case, eng, out, n=n, plan=plan_sampling(eng.card, "ddpm", steps), seed=seed,
+    res = segment_case(case, eng, out, n=n, plan=chosen_plan(eng.card), seed=seed,
                        overwrite=True, quiet=quiet, command=" ".join(sys.argv))
     typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels (mask > 0.5), "
                f"sampling {res.provenance['timings']['sampling_s']:.0f} s on {res.provenance['backend']['device']}")

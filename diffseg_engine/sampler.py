@@ -51,6 +51,23 @@ def default_steps(sampler: str) -> int:
     return DEFAULT_STEPS.get(sampler, 25)
 
 
+def chosen_plan(card: ModelCard, sampler: str | None = None, steps: int | None = None,
+                eta: float | None = None) -> SamplingPlan:
+    """The plan for what a user asked, the model card's sampler filling what they did not.
+
+    No sampler given: the card's (`diffusion.sampler`, `sampling_steps`, `eta`: what the model was evaluated
+    with). A sampler given: its steps and eta default to the card's when it is the card's sampler, else to
+    `DEFAULT_STEPS` and eta 0."""
+    d = card.diffusion
+    sampler = sampler or d.sampler
+    same = sampler == d.sampler
+    if steps is None:
+        steps = d.sampling_steps if same else default_steps(sampler)
+    if eta is None:
+        eta = d.eta if same else 0.0
+    return plan_sampling(card, sampler, steps, eta)
+
+
 def plan_sampling(card: ModelCard, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0) -> SamplingPlan:
     """DDPM over all T steps (the paper), DDPM respaced to K steps, or DDIM(η) with K steps."""
     T = card.diffusion.timesteps

@@ -275,8 +275,8 @@ def model_timesteps(tables: DiffusionTables) -> np.ndarray:
     return tables.timestep_map.astype(np.float32)
 
 
-def apply_step(coef: np.ndarray, x: np.ndarray, eps: np.ndarray, v: np.ndarray, z: np.ndarray,
-               clip: tuple[float, float] | None = None) -> np.ndarray:
+def apply_step(coef: np.ndarray, x: np.ndarray, eps: np.ndarray | None, v: np.ndarray | None, z: np.ndarray,
+               clip: tuple[float, float] | None = None, *, x0: np.ndarray | None = None) -> np.ndarray:
     """One sampler step, the reference of what backends compile. Returns x_prev shaped like x.
 
     coef: [8] (one step for the batch) or [B, 8] (a row per sample), columns `COEF_NAMES`; x, eps, v, z
@@ -284,6 +284,9 @@ def apply_step(coef: np.ndarray, x: np.ndarray, eps: np.ndarray, v: np.ndarray, 
 
         x0 = a x - b eps (clipped to `clip` if given);  log_var = (v+1)/2 max_log + (1 - (v+1)/2) min_log
         x_prev = c_x0 x0 + c_x x + (g_learned exp(log_var / 2) + g_fixed) z
+
+    An x0-prediction model passes its x0 [B, 1, H, W] directly (`x0=`; eps unused, a and b ignored). Without
+    a learned variance (v None) g_learned must be 0.
     """
     x = np.asarray(x)
     dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
@@ -295,9 +298,11 @@ def apply_step(coef: np.ndarray, x: np.ndarray, eps: np.ndarray, v: np.ndarray, 
     else:
         raise ValueError(f"coef must have shape [8] or [B, 8] with B = {x.shape[0]}, got {coef.shape}")
     a, b, c_x0, c_x, min_log, max_log, g_learned, g_fixed = cols
-    x0 = a * x - b * eps
+    x0 = a * x - b * eps if x0 is None else np.asarray(x0, dtype)
     if clip is not None:
         x0 = np.clip(x0, dtype.type(clip[0]), dtype.type(clip[1]))
+    if v is None:
+        return c_x0 * x0 + c_x * x + g_fixed * z
     frac = (v + 1) / 2
     log_var = frac * max_log + (1 - frac) * min_log
     return c_x0 * x0 + c_x * x + (g_learned * np.exp(0.5 * log_var) + g_fixed) * z

@@ -102,13 +102,22 @@ def load_slices(cases: Sequence[Case], card: ModelCard, *, max_slices_per_case: 
 
 
 class BatchSampler:
-    """Seeded batches from a SliceSet: slices with tumour drawn `tumour_weight` times as often; flips."""
+    """Seeded batches from a SliceSet: slices with tumour drawn `tumour_weight` times as often, or tumour-free
+    slices making up `empty_share` of the draws when given; random flips."""
 
     def __init__(self, data: SliceSet, batch_size: int, *, tumour_weight: float = 1.0, flip: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, empty_share: float | None = None):
         self.data, self.batch_size, self.flip = data, batch_size, flip
-        w = np.where(data.has_tumour, tumour_weight, 1.0)
+        if empty_share is not None and data.has_tumour.any() and not data.has_tumour.all():
+            # tumour-free slices together get probability `empty_share`, tumour slices the rest
+            n_t = int(data.has_tumour.sum())
+            n_e = len(data) - n_t
+            w = np.where(data.has_tumour, (1.0 - empty_share) / n_t, empty_share / n_e)
+        else:
+            w = np.where(data.has_tumour, tumour_weight, 1.0)
         self.p = w / w.sum()
+        #: the expected share of tumour-free slices in a batch
+        self.empty_share = float(self.p[~data.has_tumour].sum())
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +125,9 @@ class BatchSampler:
         img, msk = self.data.images[idx], self.data.masks[idx]
         if self.flip:
             f = self.rng.random(self.batch_size) < 0.5
-            img = np.where(f[:, None, None, None], img[..., ::-1], img)
-            msk = np.where(f[:, None, None, None], msk[..., ::-1], msk)
+            # slices are [.., h, w] = [.., L, P] in the canonical LPS orientation: left-right is axis -2
+            img = np.where(f[:, None, None, None], img[..., ::-1, :], img)
+            msk = np.where(f[:, None, None, None], msk[..., ::-1, :], msk)
         return np.ascontiguousarray(img), np.ascontiguousarray(msk)
 
     def state(self) -> dict:

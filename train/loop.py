@@ -26,12 +26,14 @@ from diffseg_engine.schedule import tables_for
 from diffseg_engine.weights import load_weights, read_metadata, save_weights
 
 from .data import BatchSampler, SliceSet, labelled_cases, load_slices, split_cases
-from .losses import TorchTables, hybrid_loss, segmentation_loss
+from .losses import TorchTables, hybrid_loss, segmentation_loss, x0_loss
 from .presets import build_card, get_preset
 from .unet import UNetModel
 
 STATE_KEY = "diffseg_train_state"
 OBJECTIVES = ("diffusion", "segmentation")
+PREDICTIONS = ("eps", "x0")
+AUGMENTATIONS = ("flip_lr",)  # what `flip` does: mirror left-right (the L axis of the canonical orientation)
 
 
 @dataclass
@@ -56,6 +58,10 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much training time; 0: no limit
     objective: str = "diffusion"  # "diffusion" (the DDPM) | "segmentation" (deterministic U-Net baseline)
+    prediction: str = "eps"  # diffusion: "eps" (the paper) | "x0" (mask logit; MSE + BCE + Dice)
+    recycling: bool = False  # x0: noise the model's own no-grad guess from pure noise instead of the truth
+    mask_scale: float = 0.0  # masks at ±b (0: the preset's mask values)
+    empty_share: float = -1.0  # share of tumour-free slices in a batch (< 0: the preset's tumour weighting)
     split: dict = field(default_factory=dict)  # filled in: {"train": [...], "val": [...]}
 
     # what may differ between the first run and a --resume
@@ -98,6 +104,14 @@ def _check(cfg: TrainConfig) -> None:
         raise UsageError(f"--checkpoint-every must be at least 1, got {cfg.checkpoint_every}")
     if cfg.objective not in OBJECTIVES:
         raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.prediction not in PREDICTIONS:
+        raise UsageError(f"--prediction must be one of {', '.join(PREDICTIONS)}, got {cfg.prediction!r}")
+    if cfg.recycling and cfg.prediction != "x0":
+        raise UsageError("--recycling needs --prediction x0", fix="add --prediction x0, or drop --recycling")
+    if not 0.0 <= cfg.mask_scale <= 1.0:
+        raise UsageError(f"--mask-scale must lie in (0, 1] (0: the preset's masks), got {cfg.mask_scale}")
+    if cfg.empty_share >= 1.0:
+        raise UsageError(f"--empty-share must be below 1 (negative: the preset's weighting), got {cfg.empty_share}")
     if cfg.max_minutes < 0:
         raise UsageError(f"--max-minutes must not be negative, got {cfg.max_minutes}")
     resolve_device(cfg.device)
@@ -163,7 +177,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     preset = get_preset(cfg.preset)
-    card = build_card(preset, cfg.modalities)
+    card = build_card(preset, cfg.modalities,
+                      prediction=cfg.prediction if cfg.objective == "diffusion" else "eps",
+                      mask_scale=cfg.mask_scale)
 
     cases, skipped = labelled_cases(cfg.data, cfg.modalities)
     if not cfg.split:
@@ -193,7 +209,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
     # wait for the host every step); its state is saved with the run.
     gen = torch.Generator(device).manual_seed(cfg.seed)
     sampler = BatchSampler(train_set, cfg.batch_size, tumour_weight=preset.tumour_weight, flip=cfg.flip,
-                           seed=cfg.seed)
+                           seed=cfg.seed, empty_share=cfg.empty_share if cfg.empty_share >= 0 else None)
     step = 0
     if resume:
         step = _load_state(out / "state.safetensors", model, ema, opt, gen, sampler, device)
@@ -224,15 +240,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
          "torch": torch.__version__, "max_minutes": cfg.max_minutes})
 
     low, high = card.diffusion.mask_low, card.diffusion.mask_high
+    recycle_noise = None
 
     def loss_terms(net, img, msk, t, noise):
         if cfg.objective == "segmentation":
             return segmentation_loss(net, img, msk, low, high)
+        if cfg.prediction == "x0":
+            return x0_loss(net, tables, img, msk, t, noise, low, high, recycle_noise=recycle_noise)
         return hybrid_loss(net, tables, img, msk, t, noise)
 
+    recipe = {"objective": cfg.objective, "augmentations": list(AUGMENTATIONS) if cfg.flip else [],
+              "empty_share": round(sampler.empty_share, 4)}
+    if cfg.objective == "diffusion":
+        recipe.update(prediction=cfg.prediction, recycling=cfg.recycling, mask_scale=high)
+
     def checkpoint() -> dict:
+        nonlocal recycle_noise
+        recycle_noise = None  # validation: x_t from the truth, the same for every recipe
         val = _validate(ema, loss_terms, val_batch, bf16, device) if val_batch is not None else {}
-        info = {"objective": cfg.objective, "steps": step, "preset": cfg.preset, "batch_size": cfg.batch_size,
+        info = {**recipe, "steps": step, "preset": cfg.preset, "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
                 "ema_rate": cfg.ema_rate, "bf16": bf16, "seed": cfg.seed, "train_cases": cfg.split["train"],
                 "val_cases": cfg.split["val"], **{f"val_{k}": v for k, v in val.items()}}
@@ -250,6 +276,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
             img, msk = (torch.from_numpy(a).to(device, non_blocking=True) for a in sampler.next())
             t = torch.randint(0, tables.num_steps, (cfg.batch_size,), generator=gen, device=device)
             noise = torch.randn(msk.shape, generator=gen, device=device)
+            recycle_noise = torch.randn(msk.shape, generator=gen, device=device) if cfg.recycling else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 terms = loss_terms(model, img, msk, t, noise)
             loss = terms.loss.mean()

@@ -1,8 +1,10 @@
-"""The training objective: improved-DDPM hybrid loss for a conditional mask generator.
+"""The training objectives: improved-DDPM hybrid loss, x0 prediction with recycling, and the U-Net baseline.
 
-Owns: `hybrid_loss` (MSE on the predicted noise plus the variational-bound term for the learned variance,
-with a stop-gradient on the mean, weighted as in improved-diffusion so that λ = 0.001 of the full bound),
-and the Gaussian KL / discretised likelihood it needs, in torch.
+Owns: `hybrid_loss` (eps prediction, the paper: MSE on the predicted noise plus the variational-bound term
+for the learned variance, with a stop-gradient on the mean, weighted as in improved-diffusion so that
+λ = 0.001 of the full bound) and the Gaussian KL / discretised likelihood it needs; `x0_loss` (x0
+prediction: MSE + BCE + soft Dice on the predicted mask, optional recycling); `segmentation_loss` (the
+deterministic baseline), in torch.
 Imports: torch, numpy, `diffseg_engine.schedule`. Must not import the data pipeline or the CLI.
 """
 from __future__ import annotations
@@ -24,6 +26,17 @@ class LossTerms:
 
     def parts(self) -> dict[str, torch.Tensor]:
         return {"mse": self.mse, "vb": self.vb}
+
+
+@dataclass
+class X0Terms:
+    loss: torch.Tensor  # [B]
+    mse: torch.Tensor  # [B], on x0 in mask units
+    bce: torch.Tensor  # [B]
+    dice_loss: torch.Tensor  # [B]
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {"mse": self.mse, "bce": self.bce, "dice_loss": self.dice_loss}
 
 
 @dataclass
@@ -116,6 +129,46 @@ def hybrid_loss(model: torch.nn.Module, tt: TorchTables, image: torch.Tensor, ma
     return LossTerms(loss=mse + vb, mse=mse, vb=vb)
 
 
+def x0_from_logit(logit: torch.Tensor, mask_low: float, mask_high: float) -> torch.Tensor:
+    """An x0-prediction network's channel 0 is the tumour logit ℓ: x0 = low + (high - low)·sigmoid(ℓ)."""
+    return mask_low + (mask_high - mask_low) * torch.sigmoid(logit)
+
+
+def _bce_dice(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slice BCE and 1 - soft Dice (+1 smoothing: an empty prediction on an empty slice costs nothing)."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2, 3))
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum(dim=(1, 2, 3))
+    dice_loss = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
+    return bce, dice_loss
+
+
+def x0_loss(model: torch.nn.Module, tt: TorchTables, image: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+            noise: torch.Tensor, mask_low: float, mask_high: float, *,
+            recycle_noise: torch.Tensor | None = None) -> X0Terms:
+    """Loss per sample of an x0-prediction model: MSE on x0 (mask units) + BCE + soft Dice on the mask.
+
+    mask [B, 1, H, W] in {mask_low, mask_high}; the network sees image ⊕ x_t with x_t = q_sample(x0', t, noise).
+    Without recycling x0' is the ground truth. With recycling (Fu et al., MELBA 2023) x0' is the network's own
+    no-grad prediction from pure noise `recycle_noise` [B, 1, H, W] at the last timestep, so x_t carries the
+    model's current guess rather than the answer, as at sampling time; the target stays the ground truth.
+    """
+    span = mask_high - mask_low
+    x0_src = mask
+    if recycle_noise is not None:
+        with torch.no_grad():
+            t_last = torch.full_like(t, tt.num_steps - 1)
+            guess = model(torch.cat([image, recycle_noise], dim=1), t_last)[:, :1].float()
+            x0_src = x0_from_logit(guess, mask_low, mask_high).detach()
+    x_t = q_sample(tt, x0_src, t, noise)
+    logits = model(torch.cat([image, x_t], dim=1), t)[:, :1].float()
+    x0 = x0_from_logit(logits, mask_low, mask_high)
+    mse = (((x0 - mask) / span) ** 2).mean(dim=(1, 2, 3))
+    target = (mask > (mask_low + mask_high) / 2).float()
+    bce, dice_loss = _bce_dice(logits, target)
+    return X0Terms(loss=mse + bce + dice_loss, mse=mse, bce=bce, dice_loss=dice_loss)
+
+
 def segmentation_input(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The deterministic baseline's network input: image ⊕ a zero mask channel, and timestep 0 for every slice.
 
@@ -134,8 +187,5 @@ def segmentation_loss(model: torch.nn.Module, image: torch.Tensor, mask: torch.T
     x, t = segmentation_input(image)
     logits = model(x, t)[:, :1].float()
     target = (mask > (mask_low + mask_high) / 2).float()
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2, 3))
-    prob = torch.sigmoid(logits)
-    inter = (prob * target).sum(dim=(1, 2, 3))
-    dice_loss = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
+    bce, dice_loss = _bce_dice(logits, target)
     return SegmentationTerms(loss=bce + dice_loss, bce=bce, dice_loss=dice_loss)

@@ -42,8 +42,10 @@ def reference_sample(net: UNetModel, card: ModelCard, image: np.ndarray, gen: np
         z = torch.from_numpy(gen.standard_normal((1, 1, h, w), dtype=np.float32))
         t = torch.tensor([float(tables.timestep_map[i])])
         out = net(torch.cat([b, x], dim=1), t)
-        eps = out[:, :1]
-        x0 = f(tables.sqrt_recip_alphas_cumprod, i) * x - f(tables.sqrt_recipm1_alphas_cumprod, i) * eps
+        if d.prediction == "x0":  # channel 0 is the tumour logit of the clean mask
+            x0 = d.mask_low + (d.mask_high - d.mask_low) * torch.sigmoid(out[:, :1])
+        else:
+            x0 = f(tables.sqrt_recip_alphas_cumprod, i) * x - f(tables.sqrt_recipm1_alphas_cumprod, i) * out[:, :1]
         if d.clip_denoised:
             x0 = x0.clamp(d.clip_low, d.clip_high)
         if sampler == "ddpm":

@@ -1,7 +1,8 @@
 """One whole denoising step as a torch module: the network call and the fused update, for export.
 
 Owns: `DenoisingStep` — (image [B,C,H,W], x_t [B,1,H,W], timestep [B], coef [B,8], noise [B,1,H,W]) -> x_prev
-[B,1,H,W]. The update is the generic form of `diffseg_engine.schedule` (same coefficient columns,
+[B,1,H,W]. x0 comes from the network: from its eps (`a·x_t − b·eps`, the paper) or, for an x0-prediction
+model, directly (`low + (high − low)·sigmoid(logit)`; then columns a and b are unused). The update is the generic form of `diffseg_engine.schedule` (same coefficient columns,
 `COEF_NAMES`), so one graph serves DDPM with learned variance, respaced DDPM and DDIM(η); exported to ONNX it
 runs the per-step update in compiled code with the network.
 Imports: torch, `train.unet`, `diffseg_engine.card`, `diffseg_engine.schedule`.
@@ -26,13 +27,18 @@ class DenoisingStep(nn.Module):
         d = card.diffusion
         self.clip = (float(d.clip_low), float(d.clip_high)) if d.clip_denoised else None
         self.learn_sigma = card.architecture.learn_sigma
+        self.predict_x0 = d.prediction == "x0"
+        self.mask_range = (float(d.mask_low), float(d.mask_high))
 
     def forward(self, image: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor, coef: torch.Tensor,
                 noise: torch.Tensor) -> torch.Tensor:
         out = self.net(torch.cat([image, x_t], dim=1), timestep)          # network call
-        eps = out[:, 0:1]
         c = coef.reshape(coef.shape[0], coef.shape[1], 1, 1)              # [B, 8, 1, 1]
-        x0 = c[:, 0:1] * x_t - c[:, 1:2] * eps                             # update step, fused
+        if self.predict_x0:                                                # update step, fused
+            lo, hi = self.mask_range
+            x0 = lo + (hi - lo) * torch.sigmoid(out[:, 0:1])               # channel 0: tumour logit
+        else:
+            x0 = c[:, 0:1] * x_t - c[:, 1:2] * out[:, 0:1]                 # channel 0: eps
         if self.clip is not None:
             x0 = torch.clamp(x0, self.clip[0], self.clip[1])
         if self.learn_sigma:
