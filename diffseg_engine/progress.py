@@ -1,14 +1,18 @@
 """Progress reporting with rate and ETA, for a terminal or a log file.
 
 Owns: `ProgressBar`. On a terminal it draws a rich bar (description, count, rate, ETA, extra fields such as
-the loss); elsewhere (CI, `nohup`, a log) it prints one plain line at most every `log_every` seconds.
-Imports: standard library, and rich when present (typer brings it). Must not import numpy or torch.
+the loss); elsewhere (CI, `nohup`, a log) it logs one plain line (logger `diffseg_engine.progress`, level INFO,
+so `-q` silences it) at most every `log_every` seconds, or writes it to `stream` when one is given.
+Imports: standard library, and rich when present (a declared dependency). Must not import numpy or torch.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -26,6 +30,7 @@ class ProgressBar:
     def __init__(self, total: int, description: str, *, unit: str = "it", quiet: bool = False,
                  stream: TextIO | None = None, log_every: float = 10.0, initial: int = 0):
         self.total, self.description, self.unit, self.quiet = int(total), description, unit, quiet
+        self._explicit_stream = stream
         self.stream = stream or sys.stderr
         self.log_every = log_every
         self.done = int(initial)
@@ -89,8 +94,13 @@ class ProgressBar:
         extra = "  ".join(f"{k}={_fmt(v)}" for k, v in self.fields.items())
         elapsed = _fmt_seconds(time.monotonic() - self._t0)
         eta = "done" if final or self.done >= self.total else f"ETA {_fmt_seconds(self.eta_seconds)}"
-        print(f"{self.description}: {self.done}/{self.total} ({pct:5.1f}%) {self.rate:.2f} {self.unit}/s "
-              f"elapsed {elapsed} {eta}  {extra}".rstrip(), file=self.stream, flush=True)
+        line = (f"{self.description}: {self.done}/{self.total} ({pct:5.1f}%) {self.rate:.2f} {self.unit}/s "
+                f"elapsed {elapsed} {eta}  {extra}").rstrip()
+        if self._explicit_stream is not None:
+            self._explicit_stream.write(line + "\n")
+            self._explicit_stream.flush()
+        else:
+            log.info(line)
 
 
 def _fmt(v: Any) -> str:

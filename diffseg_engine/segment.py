@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,12 +36,16 @@ from .nifti_io import LoadedImage, encode_like, load_image
 from .partial import PartialRun, describe_mismatch
 from .preprocess import PreparedCase, prepare_case, restore
 from .progress import ProgressBar
+from .qubrats import WHOLE_TUMOUR_LABEL, binary_entropy, label_map, submission_paths, uncertainty_map
 from .sampler import SamplingPlan, sample_ensemble
 from .weights import file_sha256 as _sha256
 
-OUTPUT_SUFFIXES = ("mean", "variance", "mask", "provenance", "overview")
+OUTPUT_SUFFIXES = ("mean", "variance", "entropy", "mask", "provenance", "overview")
+#: `--format`: nifti (the maps above) or qubrats (also `<ID>.nii.gz` and `<ID>_unc_whole.nii.gz`, see `qubrats`).
+OUTPUT_FORMATS = ("nifti", "qubrats")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"
 DEMO_INPUT = Path(__file__).resolve().parent / "demo" / "TCGA-DU-7294_flair.nii.gz"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -201,12 +205,13 @@ def default_batch_size(card: ModelCard, work_items: int, device: str = "cpu") ->
 
 def output_paths(out_dir: Path, case_id: str) -> dict[str, Path]:
     return {"mean": out_dir / f"{case_id}_mean.nii.gz", "variance": out_dir / f"{case_id}_variance.nii.gz",
-            "mask": out_dir / f"{case_id}_mask.nii.gz", "provenance": out_dir / f"{case_id}_provenance.json",
+            "entropy": out_dir / f"{case_id}_entropy.nii.gz", "mask": out_dir / f"{case_id}_mask.nii.gz", "provenance": out_dir / f"{case_id}_provenance.json",
             "overview": out_dir / f"{case_id}_overview.png"}
 
 
 def _all_outputs(out_dir: Path, case_id: str) -> dict[str, Path]:
-    return {**output_paths(out_dir, case_id), "samples": out_dir / f"{case_id}_samples.nii.gz"}
+    return {**output_paths(out_dir, case_id), "samples": out_dir / f"{case_id}_samples.nii.gz",
+            **submission_paths(out_dir, case_id)}
 
 
 def check_output(out_dir: str | Path, case: CaseInput, *, overwrite: bool = False) -> None:
@@ -325,7 +330,8 @@ def _fingerprint(case: CaseInput, backend: StepBackend, plan: SamplingPlan, n: i
 def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int = 5, plan: SamplingPlan,
                  seed: int = 0, batch_size: int = 0, overwrite: bool = False, quiet: bool = False,
                  save_samples: bool = False, overview: bool = True, command: str = "",
-                 progress_factory: Callable[..., ProgressBar] = ProgressBar) -> SegmentResult:
+                 progress_factory: Callable[..., ProgressBar] = ProgressBar,
+                 output_format: str = "nifti") -> SegmentResult:
     """Sample an ensemble of `n` masks for every brain slice of `case` and write the maps to `out_dir`.
 
     Runs under an exclusive lock on this case's outputs (`OutputBusyError` if another run holds it). Each
@@ -336,6 +342,8 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
     that fails before its first chunk finishes.
     """
     card = backend.card
+    if output_format not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown --format {output_format!r}", fix=f"choose one of {', '.join(OUTPUT_FORMATS)}")
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     if not 0 <= seed < 2**63:
@@ -356,7 +364,7 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
             return _segment_locked(case, backend, out_dir, partial, n=n, plan=plan, seed=seed,
                                    batch_size=batch_size, overwrite=overwrite, quiet=quiet,
                                    save_samples=save_samples, overview=overview, command=command,
-                                   progress_factory=progress_factory)
+                                   progress_factory=progress_factory, output_format=output_format)
     finally:
         _remove_empty(created)  # only where nothing (no finished result, no unfinished work) was left
 
@@ -364,7 +372,7 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
 def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partial: PartialRun, *, n: int,
                     plan: SamplingPlan, seed: int, batch_size: int, overwrite: bool, quiet: bool,
                     save_samples: bool, overview: bool, command: str,
-                    progress_factory: Callable[..., ProgressBar]) -> SegmentResult:
+                    progress_factory: Callable[..., ProgressBar], output_format: str = "nifti") -> SegmentResult:
     card = backend.card
     paths = output_paths(out_dir, case.case_id)
     _refuse_results(out_dir, case.case_id, overwrite)  # again, now that no other run can be writing
@@ -402,8 +410,8 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     bs = batch_size or default_batch_size(card, items, backend.device)
     if start == 0:
         partial.start({"fingerprint": fingerprint, "batch_size": bs})
-    elif not quiet:
-        print(f"{case.case_id}: resuming after {start} of {items} finished work items", file=sys.stderr)
+    else:
+        log.info("%s: resuming after %d of %d finished work items", case.case_id, start, items)
     backend.allocate(bs)
     streams = NoiseStreams(seed, case.case_id)
     K = len(plan.coefs)
@@ -415,8 +423,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
 
     def on_batch_size(new: int, err: BatchMemoryError) -> None:
         saved["bs"] = new
-        if not quiet:
-            print(f"{case.case_id}: {err} -- retrying that chunk at batch size {new}", file=sys.stderr)
+        log.warning("%s: %s -- retrying that chunk at batch size %d", case.case_id, err, new)
 
     t1 = time.perf_counter()
     try:
@@ -436,6 +443,9 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     mean = restore(prepared, stats.mean).astype(np.float32)
     variance = restore(prepared, stats.variance).astype(np.float32)
     mask = (mean > 0.5).astype(np.uint8)
+    entropy = binary_entropy(mean).astype(np.float32)
+    if output_format == "qubrats":
+        paths.update(submission_paths(out_dir, case.case_id))
     if save_samples:
         paths["samples"] = out_dir / f"{case.case_id}_samples.nii.gz"
     picture = _overview_png(case, card, plan, n, seed, mean, variance) if overview else None
@@ -444,7 +454,12 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     with AtomicFiles() as files:  # every map complete on disk before any replaces an old one
         files.write_bytes(paths["mean"], encode_like(case.reference, mean, paths["mean"], np.float32))
         files.write_bytes(paths["variance"], encode_like(case.reference, variance, paths["variance"], np.float32))
+        files.write_bytes(paths["entropy"], encode_like(case.reference, entropy, paths["entropy"], np.float32))
         files.write_bytes(paths["mask"], encode_like(case.reference, mask, paths["mask"], np.uint8))
+        if output_format == "qubrats":
+            files.write_bytes(paths["label"], encode_like(case.reference, label_map(mask), paths["label"], np.uint8))
+            files.write_bytes(paths["unc_whole"], encode_like(case.reference, uncertainty_map(mean),
+                                                              paths["unc_whole"], np.uint8))
         if samples is not None:
             files.write_bytes(paths["samples"], _samples_blob(case.reference, prepared, samples, paths["samples"]))
         if picture is not None:
@@ -452,6 +467,9 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
         # the provenance file marks a complete set: an old one must not vouch for maps half replaced
         paths["provenance"].unlink(missing_ok=True)
         files.commit()
+    if output_format != "qubrats":  # --overwrite of a qubrats run: no stale submission beside the new maps
+        for stale in submission_paths(out_dir, case.case_id).values():
+            stale.unlink(missing_ok=True)
     timings["write_s"] = time.perf_counter() - t2
     prov = {
         "case_id": case.case_id, "complete": True, "inputs": case.sources, "input_sha256": input_sha,
@@ -461,7 +479,13 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
         "backend": backend.describe(), "versions": _versions(), "timings": timings,
         "outputs": {k: str(v.name) for k, v in paths.items() if k != "provenance"}, "command": command,
         "definitions": {"mean": "mean over members of clip((x0-low)/(high-low), 0, 1)",
-                        "variance": "population variance over members of the same", "mask": "mean > 0.5"},
+                        "variance": "population variance over members of the same", "mask": "mean > 0.5",
+                        "entropy": "binary entropy of the mean in bits, in [0, 1]: -m log2 m - (1-m) log2 (1-m)",
+                        **({"label": f"QU-BraTS label map: {WHOLE_TUMOUR_LABEL} where mask (whole tumour only: "
+                                     "tumour core and enhancing tumour are not modelled and stay empty)",
+                            "unc_whole": "QU-BraTS whole-tumour uncertainty, uint8 0..100 = round(100 x entropy)"}
+                           if output_format == "qubrats" else {})},
+        "format": output_format,
     }
     _write_json_atomic(paths["provenance"], prov)  # written last: marks completion
     partial.remove()
@@ -495,5 +519,6 @@ def _samples_blob(reference: LoadedImage, prepared, samples: np.ndarray, path: P
     return encode_like(LoadedImage(data=arr, image=img, path=reference.path), arr, path, np.uint8)
 
 
-def open_model(model: str | Path | None, backend: str, device: str = "auto") -> StepBackend:
-    return open_backend(backend, Path(model) if model else default_model(), device=device)
+def open_model(model: str | Path | None, backend: str, device: str = "auto", threads: int = 0) -> StepBackend:
+    """`open_backend` on `model`, or on the shipped default model when `model` is None."""
+    return open_backend(backend, Path(model) if model else default_model(), device=device, threads=threads)

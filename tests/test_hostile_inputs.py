@@ -445,4 +445,5 @@ def test_the_unmodified_inputs_segment(real, tiny_model, two_modality_model, tmp
                             "--out", tmp_path / "o2", "-q", "--steps", 1, "--n", 1)
     assert code == 0, output
     assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == sorted(
-        f"{CASE}_{k}" for k in ("mean.nii.gz", "variance.nii.gz", "mask.nii.gz", "provenance.json", "overview.png"))
+        f"{CASE}_{k}" for k in ("mean.nii.gz", "variance.nii.gz", "entropy.nii.gz", "mask.nii.gz", "provenance.json",
+                                "overview.png"))

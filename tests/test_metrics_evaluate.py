@@ -272,7 +272,7 @@ def test_filtered_dice_and_enrichment_with_uncertainty_on_the_errors():
     assert 0 <= u.filtered_dice_auc <= 1
     assert u.filtered_dice_auc == pytest.approx(1 - (1 - base) * 0.5 / 99)
     assert u.ftp_auc == 0 and u.ftn_auc == 0  # no true positive / negative is uncertain
-    assert u.qu_brats_score == pytest.approx((u.filtered_dice_auc + 2) / 3)
+    assert "qu_brats_score" not in u.row()  # the dense variance curve is not the challenge's score
     assert err.sum() <= 0.05 * err.size  # so the top-5 % set is exactly the variance > 0 voxels
     assert u.error_fraction_in_top == 1.0 and u.top_fraction == pytest.approx(err.sum() / err.size)
     assert u.enrichment == pytest.approx(err.size / err.sum())
@@ -342,7 +342,7 @@ def test_score_folder_end_to_end(tmp_path, shared_data):
     assert [r["case_id"] for r in rows] == ids and tuple(rows[0]) == E.CSV_COLUMNS
     assert float(rows[0]["dice"]) == 1.0 and float(rows[0]["hd95_mm"]) == 0.0
     assert int(rows[0]["n_test_slices"]) == a.slices.n and rows[0]["n_empty_pred"] == "0"
-    assert float(rows[1]["dice"]) == pytest.approx(b.dice, rel=1e-5) and rows[1]["filtered_dice_auc"] != ""
+    assert float(rows[1]["dice"]) == pytest.approx(b.dice, rel=1e-5) and rows[1]["var_filtered_dice_auc"] != ""
     assert rows[2]["status"] == "missing prediction" and rows[2]["dice"] == ""
     slices = list(csv.DictReader(paths["slices_csv"].open()))
     assert len(slices) == a.slices.n + b.slices.n

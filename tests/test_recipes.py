@@ -211,8 +211,8 @@ def test_recipe_is_trained_recorded_and_sampled_by_default(shared_data, tmp_path
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--recycling"], "--recycling needs --prediction x0"),
-    (["--prediction", "v"], "--prediction must be one of"),
+    (["--prediction", "eps", "--recycling"], "--recycling needs --prediction x0"),
+    (["--prediction", "v"], "Invalid value for '--prediction'"),
     (["--prediction", "x0", "--mask-scale", "1.5"], "--mask-scale must lie in"),
     (["--prediction", "x0", "--empty-share", "1"], "--empty-share must be below 1"),
 ])

@@ -95,8 +95,10 @@ def read_card(model: str | Path) -> ModelCard:
                          fix="give a .onnx or .safetensors file written by diffseg-engine")
 
 
-def open_backend(name: str, model: str | Path, *, device: str = "auto") -> StepBackend:
+def open_backend(name: str, model: str | Path, *, device: str = "auto", threads: int = 0) -> StepBackend:
     """Open `model` (.onnx or .safetensors) on backend `name` ("onnxruntime" | "torch").
+
+    threads: CPU threads of the runtime (0: `host.usable_cpus()`, the CPUs this process may use).
 
     device: "auto" (CUDA where it works, else CPU), "cpu", "cuda" or "cuda:N"; anything else is a UsageError
     (it would otherwise run on the CPU silently)."""
@@ -104,10 +106,10 @@ def open_backend(name: str, model: str | Path, *, device: str = "auto") -> StepB
         raise UsageError(f"unknown --device {device!r}", fix="use auto, cpu, cuda or cuda:N")
     if name == "onnxruntime":
         from .ort import OnnxRuntimeBackend
-        return OnnxRuntimeBackend.load(model, device=device)
+        return OnnxRuntimeBackend.load(model, device=device, threads=threads)
     if name == "torch":
         from .torch_ref import TorchBackend
-        return TorchBackend.load(model, device=device)
+        return TorchBackend.load(model, device=device, threads=threads)
     if name == "tensorrt":
         raise BackendError("the TensorRT backend is not available in this version",
                            fix="use --backend onnxruntime (its CUDA provider runs on NVIDIA GPUs)")

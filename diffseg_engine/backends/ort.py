@@ -15,6 +15,7 @@ import numpy as np
 
 from ..card import CARD_KEY, ModelCard
 from ..errors import BackendError, ModelFileError
+from ..host import usable_cpus
 from ..onnx_file import inspect_onnx
 from .base import STEP_INPUTS, STEP_OUTPUT, StepBackend, batch_memory_error
 
@@ -66,7 +67,7 @@ class OnnxRuntimeBackend(StepBackend):
                                fix="pip install onnxruntime-gpu, or use --device cpu")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.intra_op_num_threads = threads or usable_cpus()
         opts.log_severity_level = 3
         if want_cuda:
             dev_id = int(device.split(":")[1]) if ":" in device else 0

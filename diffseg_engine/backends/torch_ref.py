@@ -21,12 +21,14 @@ class TorchBackend(StepBackend):
         self.step, self.card, self._device, self.path = step, card, device, path
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "auto") -> "TorchBackend":
+    def load(cls, path: str | Path, *, device: str = "auto", threads: int = 0) -> "TorchBackend":
         try:
             import torch
         except ImportError:
             raise BackendError("--backend torch needs PyTorch", fix="pip install 'diffseg-engine[train]' "
                                "or use --backend onnxruntime") from None
+        from ..host import usable_cpus
+        torch.set_num_threads(threads or usable_cpus())
         from ..train.step import build_step
         path = Path(path)
         if path.suffix == ".onnx":
