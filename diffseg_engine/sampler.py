@@ -23,6 +23,17 @@ from .schedule import (ddim_coefficients, ddpm_coefficients, model_timesteps, re
 SAMPLERS = ("ddpm", "ddim")
 
 
+class NoiseSource(Protocol):
+    """What the sampler draws x_T and every step's z from: `draw()` -> the next [B, 1, h, w] float32 array
+    (x_T first, then one z per step in sampling order; the last step's z is drawn and multiplied by 0)."""
+
+    def draw(self) -> np.ndarray: ...
+
+
+#: Makes the noise source of one chunk from its work items [(slice id, member)] and (h, w).
+NoiseFactory = Callable[[list[tuple[int, int]], tuple[int, int]], NoiseSource]
+
+
 class StepFn(Protocol):
     def __call__(self, image: np.ndarray, x_t: np.ndarray, timestep: np.ndarray, coef: np.ndarray,
                  noise: np.ndarray) -> np.ndarray: ...
@@ -108,7 +119,8 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
                     on_progress: Callable[[int], None] | None = None,
                     on_member: Callable[[int, int, np.ndarray], None] | None = None,
                     on_chunk: Callable[[int, EnsembleStats], None] | None = None,
-                    on_batch_size: Callable[[int, BatchMemoryError], None] | None = None) -> EnsembleStats:
+                    on_batch_size: Callable[[int, BatchMemoryError], None] | None = None,
+                    noise_factory: NoiseFactory | None = None) -> EnsembleStats:
     """Sample `members` masks for each slice of `images` [S, C, h, w]; returns their streamed statistics.
 
     Work items (slice, member) are processed in chunks of `batch_size`; every chunk runs all K steps, one
@@ -119,6 +131,8 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
     If `step` raises `BatchMemoryError`, that chunk is halved and retried from its start, and the rest of the
     run keeps the smaller size (`on_batch_size(new_size, error)` is told); finished chunks are never redone.
     At batch size 1 the error becomes a `ResourceError` for the user.
+    `noise_factory(items, (h, w))`, if given, replaces `BatchNoise(streams, items, (h, w))` as each chunk's
+    source of x_T and z (items: [(slice_ids[s], m)]); tests feed the paper code's recorded draws through it.
     """
     S, _, h, w = images.shape
     if members < 1:
@@ -131,7 +145,8 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
     while lo < len(items):
         chunk = items[lo:lo + batch_size]
         try:
-            prob = _sample_chunk(step, images, chunk, plan, streams, slice_ids, card, (h, w), on_progress)
+            prob = _sample_chunk(step, images, chunk, plan, streams, slice_ids, card, (h, w), on_progress,
+                                 noise_factory)
         except BatchMemoryError as exc:
             if len(chunk) == 1:
                 raise ResourceError(f"out of memory even at batch size 1 ({exc})",
@@ -154,11 +169,13 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
 
 def _sample_chunk(step: StepFn, images: np.ndarray, chunk: list[tuple[int, int]], plan: SamplingPlan,
                   streams: NoiseStreams, slice_ids: np.ndarray, card: ModelCard, shape: tuple[int, int],
-                  on_progress: Callable[[int], None] | None) -> np.ndarray:
+                  on_progress: Callable[[int], None] | None,
+                  noise_factory: NoiseFactory | None = None) -> np.ndarray:
     """All K steps for one chunk of work items; returns each member's probability map [B, h, w] float64."""
     B = len(chunk)
     pos = np.fromiter((s for s, _ in chunk), np.int64, B)
-    noise = BatchNoise(streams, [(int(slice_ids[s]), m) for s, m in chunk], shape)
+    keyed = [(int(slice_ids[s]), m) for s, m in chunk]
+    noise = noise_factory(keyed, shape) if noise_factory else BatchNoise(streams, keyed, shape)
     x = noise.draw().copy()  # x_T ~ N(0, I)
     img = np.ascontiguousarray(images[pos], np.float32)
     done = 0
