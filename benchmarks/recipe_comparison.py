@@ -219,7 +219,8 @@ def markdown(results: list[dict], meta: dict) -> str:
             lines.append(f"| {r['name']} | {recipe} | {tr.get('steps', '?')} | {samp} | {k} | {_f(s['slice_dice'])} | "
                          f"{_f(s['slice_dice_nonempty'])} | {s['n_empty']}/{s['n_slices']} | "
                          f"{_f(s['slice_hd95_nonempty_mm'], 1)} | {_f(s['dice_3d'])} | {_f(s['hd95_3d_mm'], 1)} | {ml} | "
-                         f"{_f(s.get('variance_auroc'))} | {_f(s.get('entropy_auroc'))} | {per_case_s:.0f} |")
+                         f"{_f(s.get('variance_auroc')) if k != '1' else '—'} | {_f(s.get('entropy_auroc'))} | "
+                         f"{per_case_s:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ Imports: numpy, `weights`, `export.onnx_export`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -19,10 +20,17 @@ from .onnx_export import check_parity, export_onnx
 MODELS_DIR = Path(__file__).resolve().parents[1] / "diffseg_engine" / "models"
 
 
-def ship_default(run_dir: str | Path, models_dir: str | Path = MODELS_DIR, *, name: str = "default") -> dict:
+def ship_default(run_dir: str | Path, models_dir: str | Path = MODELS_DIR, *, name: str = "default",
+                 sampling: tuple[str, int, float] | None = None) -> dict:
+    """Ship the run's EMA weights as `models_dir/name.*`; `sampling` = (sampler, steps, eta) sets the card's
+    default sampler (what `segment` runs when none is asked for), chosen from the validation measurements."""
     run_dir, models_dir = Path(run_dir), Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     tensors, card = load_weights(run_dir / "model.safetensors")
+    if sampling is not None:
+        sampler, steps, eta = sampling
+        card = card.replace(diffusion=dataclasses.replace(card.diffusion, sampler=sampler, sampling_steps=int(steps),
+                                                           eta=float(eta)))
     log = run_dir / "train_log.jsonl"
     if log.exists():  # where it was trained, from the log's session lines
         sessions = [json.loads(line) for line in log.read_text().splitlines() if '"session"' in line]
@@ -43,4 +51,7 @@ def ship_default(run_dir: str | Path, models_dir: str | Path = MODELS_DIR, *, na
 
 if __name__ == "__main__":
     import sys
-    print(json.dumps(ship_default(sys.argv[1]), indent=2)[:2000])
+    # python -m diffseg_engine.export.ship RUN_DIR [SAMPLER:STEPS:ETA]
+    spec = sys.argv[2].split(":") if len(sys.argv) > 2 else None
+    print(json.dumps(ship_default(sys.argv[1], sampling=(spec[0], int(spec[1]), float(spec[2])) if spec else None),
+                     indent=2)[:2000])
