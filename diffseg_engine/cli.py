@@ -92,36 +92,82 @@ def train(
 @app.command()
 @_handle_errors
 def export(
-    model: Path = typer.Argument(..., help="Run folder, model.safetensors, or a paper-code checkpoint (.pt)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output .onnx (default: beside the weights)."),
+    model: Path = typer.Argument(..., help="Run folder, model.safetensors, a paper-code checkpoint (.pt), or (with "
+                                           "--engine tensorrt) an exported .onnx step graph."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .onnx, or with --engine tensorrt a .plan copy "
+                                                           "(default: .onnx beside the weights; plans in the cache)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle",
                                       help="Allow full unpickling of a .pt file (runs code from the file!)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Check ONNX Runtime against torch (max abs error)."),
     modalities: str = typer.Option("t1,t1ce,t2,flair", help="For .pt checkpoints: the image channels, in order."),
     num_heads: int = typer.Option(1, help="For .pt checkpoints: attention heads (not stored in the weights; "
                                           "the paper's README uses 1)."),
+    engine: str = typer.Option("onnx", help="onnx (the step graph) | tensorrt (also a TensorRT plan of it)."),
+    precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16: convolutions and matmuls in half, "
+                                                       "normalisation, softmax, embedding and update in fp32 "
+                                                       "(default fp32; for an .onnx MODEL: its own)."),
+    max_batch: int = typer.Option(512, "--max-batch", help="--engine tensorrt: the largest batch of the plan's "
+                                                           "optimization profile."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="--engine tensorrt: build the plan even if cached."),
 ) -> None:
-    """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside."""
-    _need_torch("export")
-    from .export.onnx_export import check_parity, export_onnx
-    from .errors import ModelFileError
-    weights = model / "model.safetensors" if model.is_dir() else model
-    if weights.suffix in (".pt", ".pth"):
-        from .export.paper_checkpoint import convert_checkpoint
-        weights = convert_checkpoint(weights, weights.with_suffix(".safetensors"), trust_pickle=trust_pickle,
-                                     num_heads=num_heads,
-                                     modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()))
-        typer.echo(f"converted {model} -> {weights}")
-    elif weights.suffix != ".safetensors":
-        raise ModelFileError("expected a run folder, a .safetensors file or a .pt checkpoint", path=model)
-    target = out or weights.with_suffix(".onnx")
-    export_onnx(weights, target)
-    typer.echo(f"wrote {target}")
-    if check:
-        err = check_parity(weights, target)
-        if err > 1e-4:
-            raise ModelFileError(f"ONNX output differs from torch by {err:.2e} (> 1e-4)", path=target)
-        typer.echo(f"parity: max |onnxruntime - torch| = {err:.2e}")
+    """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside (and a TensorRT plan)."""
+    from .errors import ModelFileError, UsageError
+    from .step_graph import PRECISIONS
+    if engine not in ("onnx", "tensorrt"):
+        raise UsageError(f"unknown --engine {engine!r}", fix="choose onnx or tensorrt")
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}", fix=f"choose one of {', '.join(PRECISIONS)}")
+    if model.suffix == ".onnx":
+        if engine != "tensorrt":
+            raise UsageError("MODEL is already an ONNX step graph", fix="add --engine tensorrt to build its plan, "
+                             "or give the .safetensors weights")
+        from .onnx_file import inspect_onnx
+        have = inspect_onnx(model).precision
+        if precision is not None and precision != have:
+            raise UsageError(f"{model} is a {have} step graph, not {precision}",
+                             fix=f"export the weights with --precision {precision}")
+        target = model
+    else:
+        _need_torch("export")
+        from .export.onnx_export import check_parity, export_onnx, precision_error
+        weights = model / "model.safetensors" if model.is_dir() else model
+        if weights.suffix in (".pt", ".pth"):
+            from .export.paper_checkpoint import convert_checkpoint
+            weights = convert_checkpoint(weights, weights.with_suffix(".safetensors"), trust_pickle=trust_pickle,
+                                         num_heads=num_heads,
+                                         modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()))
+            typer.echo(f"converted {model} -> {weights}")
+        elif weights.suffix != ".safetensors":
+            raise ModelFileError("expected a run folder, a .safetensors file or a .pt checkpoint", path=model)
+        precision = precision or "fp32"
+        default = weights.with_suffix(".onnx" if precision == "fp32" else f".{precision}.onnx")
+        target = out if (out and engine == "onnx") else default
+        export_onnx(weights, target, precision)
+        typer.echo(f"wrote {target} ({precision})")
+        if check and precision != "bf16":  # onnxruntime's CPU provider has no bf16 convolutions
+            err = check_parity(weights, target, precision=precision)
+            if err > 1e-4:
+                raise ModelFileError(f"ONNX output differs from torch by {err:.2e} (> 1e-4)", path=target)
+            typer.echo(f"parity: max |onnxruntime - torch| = {err:.2e}")
+        if check and precision != "fp32":
+            typer.echo(f"{precision} step vs fp32 on the same inputs: max |x_prev difference| = "
+                       f"{precision_error(weights, precision):.2e}")
+    if engine == "tensorrt":
+        import shutil
+
+        from .tensorrt_plan import ensure_plan, read_sidecar, sidecar_path
+        plan, built = ensure_plan(target, max_batch=max_batch, rebuild=rebuild)
+        side = read_sidecar(plan)
+        gpu = side["gpu"]["name"] or "any supported GPU (portable TensorRT-RTX plan)"
+        typer.echo(f"{'built' if built else 'cached'} {plan} ({side['tensorrt']['module']} "
+                   f"{side['tensorrt']['version']}, {side['precision']}, batch 1..{side['profile']['max']}, {gpu})")
+        if out is not None:
+            if out.suffix != ".plan":
+                raise UsageError("with --engine tensorrt, --out names the .plan file", fix="give --out NAME.plan")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plan, out)
+            shutil.copyfile(sidecar_path(plan), sidecar_path(out))
+            typer.echo(f"copied to {out} (+ {sidecar_path(out).name})")
 
 
 @app.command()
@@ -138,7 +184,8 @@ def segment(
                                                    "paper's; 50 for ddim)."),
     eta: float = typer.Option(0.0, help="DDIM eta (0: deterministic update)."),
     seed: int = typer.Option(0, help="Seed: same seed, same masks, whatever the batch size."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt (a .plan or .onnx --model, "
+                                                    "NVIDIA GPU only)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     batch_size: int = typer.Option(0, help="Work items per engine call (0: from available memory)."),
     save_samples: bool = typer.Option(False, "--save-samples", help="Also write every member's mask (4D uint8)."),
