@@ -55,6 +55,18 @@ class Prediction(str, Enum):
     x0 = "x0"
 
 
+class Engine(str, Enum):
+    onnx = "onnx"
+    tensorrt = "tensorrt"
+
+
+class ExportPrecision(str, Enum):
+    """step_graph.PRECISIONS"""
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
 class Objective(str, Enum):
     """train.loop.OBJECTIVES"""
     diffusion = "diffusion"
@@ -282,41 +294,90 @@ def train(
 @app.command()
 @_handle_errors
 def export(
-    model: Path = typer.Argument(..., help="Run folder, model.safetensors, or a paper-code checkpoint (.pt)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output .onnx (default: beside the weights)."),
+    model: Path = typer.Argument(..., help="Run folder, model.safetensors, a paper-code checkpoint (.pt), or (with "
+                                           "--engine tensorrt) an exported .onnx step graph."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .onnx, or with --engine tensorrt a .plan copy "
+                                                           "(default: .onnx beside the weights; plans in the cache)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle",
                                       help="Allow full unpickling of a .pt file (runs code from the file!)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Check ONNX Runtime against torch (max abs error)."),
     modalities: str = typer.Option("t1,t1ce,t2,flair", help="For .pt checkpoints: the image channels, in order."),
     num_heads: int = typer.Option(1, help="For .pt checkpoints: attention heads (not stored in the weights; "
                                           "the paper's README uses 1)."),
+    engine: Engine = typer.Option(Engine.onnx, help="onnx (the step graph) or tensorrt (also a TensorRT plan of it)."),
+    precision: Optional[ExportPrecision] = typer.Option(None, show_default=False,
+                                                        help="fp32, fp16 or bf16: convolutions and matmuls in half, "
+                                                       "normalisation, softmax, embedding and update in fp32 "
+                                                       "(default fp32; for an .onnx MODEL: its own)."),
+    max_batch: int = typer.Option(512, "--max-batch", help="--engine tensorrt: the largest batch of the plan's "
+                                                           "optimization profile."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="--engine tensorrt: build the plan even if cached."),
 ) -> None:
-    """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside.
+    """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside (and a TensorRT plan).
 
-    Needs PyTorch: `pip install 'diffseg-engine[export]'`.
+    Needs PyTorch for weights: `pip install 'diffseg-engine[export]'`; TensorRT plans need `tensorrt` (or
+    `tensorrt-rtx`, which builds plans without a GPU).
 
-    Example: `diffseg-engine export runs/flair --out flair.onnx`
+    Example: `diffseg-engine export runs/flair --out flair.onnx`, `diffseg-engine export flair.onnx --engine tensorrt`
     """
-    _need_torch("export")
-    from .export.onnx_export import check_parity, export_onnx
-    from .errors import ModelFileError
-    weights = model / "model.safetensors" if model.is_dir() else model
-    if weights.suffix in (".pt", ".pth"):
-        from .export.paper_checkpoint import convert_checkpoint
-        weights = convert_checkpoint(weights, weights.with_suffix(".safetensors"), trust_pickle=trust_pickle,
-                                     num_heads=num_heads,
-                                     modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()))
-        typer.echo(f"converted {model} -> {weights}")
-    elif weights.suffix != ".safetensors":
-        raise ModelFileError("expected a run folder, a .safetensors file or a .pt checkpoint", path=model)
-    target = out or weights.with_suffix(".onnx")
-    export_onnx(weights, target)
-    typer.echo(f"wrote {target}")
-    if check:
-        err = check_parity(weights, target)
-        if err > 1e-4:
-            raise ModelFileError(f"ONNX output differs from torch by {err:.2e} (> 1e-4)", path=target)
-        typer.echo(f"parity: max |onnxruntime - torch| = {err:.2e}")
+    from .errors import ModelFileError, UsageError
+    from .step_graph import PRECISIONS
+    engine, precision = _value(engine), _value(precision)
+    if engine not in ("onnx", "tensorrt"):
+        raise UsageError(f"unknown --engine {engine!r}", fix="choose onnx or tensorrt")
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}", fix=f"choose one of {', '.join(PRECISIONS)}")
+    if model.suffix == ".onnx":
+        if engine != "tensorrt":
+            raise UsageError("MODEL is already an ONNX step graph", fix="add --engine tensorrt to build its plan, "
+                             "or give the .safetensors weights")
+        from .onnx_file import inspect_onnx
+        have = inspect_onnx(model).precision
+        if precision is not None and precision != have:
+            raise UsageError(f"{model} is a {have} step graph, not {precision}",
+                             fix=f"export the weights with --precision {precision}")
+        target = model
+    else:
+        _need_torch("export")
+        from .export.onnx_export import check_parity, export_onnx, precision_error
+        weights = model / "model.safetensors" if model.is_dir() else model
+        if weights.suffix in (".pt", ".pth"):
+            from .export.paper_checkpoint import convert_checkpoint
+            weights = convert_checkpoint(weights, weights.with_suffix(".safetensors"), trust_pickle=trust_pickle,
+                                         num_heads=num_heads,
+                                         modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()))
+            typer.echo(f"converted {model} -> {weights}")
+        elif weights.suffix != ".safetensors":
+            raise ModelFileError("expected a run folder, a .safetensors file or a .pt checkpoint", path=model)
+        precision = precision or "fp32"
+        default = weights.with_suffix(".onnx" if precision == "fp32" else f".{precision}.onnx")
+        target = out if (out and engine == "onnx") else default
+        export_onnx(weights, target, precision)
+        typer.echo(f"wrote {target} ({precision})")
+        if check and precision != "bf16":  # onnxruntime's CPU provider has no bf16 convolutions
+            err = check_parity(weights, target, precision=precision)
+            if err > 1e-4:
+                raise ModelFileError(f"ONNX output differs from torch by {err:.2e} (> 1e-4)", path=target)
+            typer.echo(f"parity: max |onnxruntime - torch| = {err:.2e}")
+        if check and precision != "fp32":
+            typer.echo(f"{precision} step vs fp32 on the same inputs: max |x_prev difference| = "
+                       f"{precision_error(weights, precision):.2e}")
+    if engine == "tensorrt":
+        import shutil
+
+        from .tensorrt_plan import ensure_plan, read_sidecar, sidecar_path
+        plan, built = ensure_plan(target, max_batch=max_batch, rebuild=rebuild)
+        side = read_sidecar(plan)
+        gpu = side["gpu"]["name"] or "any supported GPU (portable TensorRT-RTX plan)"
+        typer.echo(f"{'built' if built else 'cached'} {plan} ({side['tensorrt']['module']} "
+                   f"{side['tensorrt']['version']}, {side['precision']}, batch 1..{side['profile']['max']}, {gpu})")
+        if out is not None:
+            if out.suffix != ".plan":
+                raise UsageError("with --engine tensorrt, --out names the .plan file", fix="give --out NAME.plan")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plan, out)
+            shutil.copyfile(sidecar_path(plan), sidecar_path(out))
+            typer.echo(f"copied to {out} (+ {sidecar_path(out).name})")
 
 
 _INPUT_NOTE = ("The default model needs one FLAIR volume, skull-stripped and co-registered as BraTS preprocessing "

@@ -7,7 +7,7 @@ its subgraphs, functions and training graphs) and to compute the digest `export`
 sha256 over the file's top-level fields except that one metadata entry, so graph, weights and card are all
 covered. A truncated or corrupt file, external data outside the model's folder and a digest that does not
 match raise `ModelFileError` before onnxruntime parses anything.
-Imports: standard library, `card`, `errors`. Must not import onnx, onnxruntime or torch.
+Imports: standard library, `card`, `errors`, `step_graph`. Must not import onnx, onnxruntime or torch.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .card import CARD_KEY, ModelCard
 from .errors import ModelFileError
+from .step_graph import PRECISION_KEY
 
 #: metadata_props key of the content digest written by `diffseg-engine export`.
 DIGEST_KEY = "diffseg_sha256"
@@ -101,6 +102,11 @@ class OnnxFileInfo:
     external: list[tuple[str, str]] = field(default_factory=list)
     digest: str = ""  # computed from the file
     stored_digest: str | None = None  # metadata[DIGEST_KEY], where the exporter wrote one
+
+    @property
+    def precision(self) -> str:
+        """The precision of the graph's convolutions and matmuls (`step_graph.PRECISIONS`; absent: fp32)."""
+        return self.metadata.get(PRECISION_KEY, "fp32")
 
     @property
     def card(self) -> ModelCard:

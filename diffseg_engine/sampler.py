@@ -120,7 +120,7 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
                     on_member: Callable[[int, int, np.ndarray], None] | None = None,
                     on_chunk: Callable[[int, EnsembleStats], None] | None = None,
                     on_batch_size: Callable[[int, BatchMemoryError], None] | None = None,
-                    noise_factory: NoiseFactory | None = None) -> EnsembleStats:
+                    noise_factory: NoiseFactory | None = None, device_loop: Callable | None = None) -> EnsembleStats:
     """Sample `members` masks for each slice of `images` [S, C, h, w]; returns their streamed statistics.
 
     Work items (slice, member) are processed in chunks of `batch_size`; every chunk runs all K steps, one
@@ -133,6 +133,8 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
     At batch size 1 the error becomes a `ResourceError` for the user.
     `noise_factory(items, (h, w))`, if given, replaces `BatchNoise(streams, items, (h, w))` as each chunk's
     source of x_T and z (items: [(slice_ids[s], m)]); tests feed the paper code's recorded draws through it.
+    `device_loop` (a backend's `StepBackend.device_loop`, where it has one) runs each chunk's K steps on the
+    device instead, with the noise drawn there from the same streams (`noise_device`).
     """
     S, _, h, w = images.shape
     if members < 1:
@@ -145,8 +147,11 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
     while lo < len(items):
         chunk = items[lo:lo + batch_size]
         try:
-            prob = _sample_chunk(step, images, chunk, plan, streams, slice_ids, card, (h, w), on_progress,
-                                 noise_factory)
+            if device_loop is not None:
+                prob = _device_chunk(device_loop, images, chunk, plan, streams, slice_ids, card, on_progress)
+            else:
+                prob = _sample_chunk(step, images, chunk, plan, streams, slice_ids, card, (h, w), on_progress,
+                                     noise_factory)
         except BatchMemoryError as exc:
             if len(chunk) == 1:
                 raise ResourceError(f"out of memory even at batch size 1 ({exc})",
@@ -191,5 +196,27 @@ def _sample_chunk(step: StepFn, images: np.ndarray, chunk: list[tuple[int, int]]
     except BatchMemoryError:
         if on_progress and done:
             on_progress(-done)
+        raise
+    return member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low, card.diffusion.mask_high)
+
+
+def _device_chunk(device_loop: Callable, images: np.ndarray, chunk: list[tuple[int, int]], plan: SamplingPlan,
+                  streams: NoiseStreams, slice_ids: np.ndarray, card: ModelCard,
+                  on_progress: Callable[[int], None] | None) -> np.ndarray:
+    """One chunk through a backend's device loop; returns each member's probability map [B, h, w] float64."""
+    pos = np.fromiter((s for s, _ in chunk), np.int64, len(chunk))
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        if on_progress:
+            on_progress(n)
+    try:
+        x = device_loop(np.ascontiguousarray(images[pos], np.float32), slice_ids[pos].astype(np.int64),
+                        np.fromiter((m for _, m in chunk), np.int64, len(chunk)), plan.coefs, plan.timesteps,
+                        streams.key, progress)
+    except BatchMemoryError:
+        if on_progress and done[0]:
+            on_progress(-done[0])
         raise
     return member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low, card.diffusion.mask_high)

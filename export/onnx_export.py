@@ -1,7 +1,9 @@
 """Export of the denoising step (U-Net + fused update) to ONNX, with the model card inside.
 
 Owns: `export_onnx` (safetensors -> .onnx with a dynamic batch axis, checked by onnx.checker, card and
-content digest in `metadata_props`) and `check_parity` (onnxruntime vs torch on the same inputs).
+content digest in `metadata_props`), `half_precision_step` (the mixed-precision step: convolutions and matmuls
+in fp16 or bf16; normalisation, softmax, timestep embedding, output head and update in fp32),
+`precision_error` (a half step against fp32 on the same inputs) and `check_parity` (onnxruntime vs torch).
 Imports: torch, onnx, `diffseg_engine.train.step`, runtime ground floor. Nothing in the runtime imports this
 except `backends.ort.ensure_onnx`, lazily, when the user hands it safetensors weights.
 """
@@ -16,15 +18,37 @@ import numpy as np
 import torch
 
 from diffseg_engine.atomic import atomic_write
-from diffseg_engine.backends.base import STEP_INPUTS, STEP_OUTPUT
+from diffseg_engine.step_graph import PRECISION_KEY, PRECISIONS, STEP_INPUTS, STEP_OUTPUT
 from diffseg_engine.card import CARD_KEY, ModelCard
-from diffseg_engine.errors import ModelFileError
+from diffseg_engine.errors import ModelFileError, UsageError
 from diffseg_engine.onnx_file import DIGEST_KEY, content_digest
 from diffseg_engine.weights import load_weights
 
 from ..train.step import DenoisingStep, build_step
 
 OPSET = 17
+#: bf16 convolutions are valid ONNX from opset 22 on (Conv-22); the TorchScript exporter writes at most 20,
+#: whose operators are unchanged at 22 for everything the step graph uses, so the bf16 graph is written at 20
+#: and declared 22, then onnx.checker (full check) validates it at 22.
+BF16_OPSET = 22
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def half_precision_step(step: DenoisingStep, precision: str) -> DenoisingStep:
+    """`step` with the U-Net torso's convolutions (2D, and the attention's 1x1 Conv1d) in fp16 or bf16, in place.
+
+    The torso then carries its activations in that type, so the attention matmuls run in it too; GroupNorm and
+    the softmax compute in float32 (`train.unet`), the timestep embedding and its MLP, the output head and the
+    fused update stay float32, and so do the graph's inputs and output. "fp32" returns `step` unchanged."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}", fix=f"choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return step
+    for part in (step.net.input_blocks, step.net.middle_block, step.net.output_blocks):
+        for m in part.modules():
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                m.to(_DTYPES[precision])
+    return step
 
 
 def example_inputs(card: ModelCard, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -39,8 +63,9 @@ def example_inputs(card: ModelCard, batch: int, seed: int = 0) -> dict[str, np.n
             "coef": coef, "noise": rng.standard_normal((batch, 1, h, h)).astype(np.float32)}
 
 
-def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path) -> Path:
-    """Trace `step` to ONNX at `out` (atomically), dynamic batch, card in metadata_props; onnx.checker'd."""
+def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path, precision: str = "fp32") -> Path:
+    """Trace `step` to ONNX at `out` (atomically), dynamic batch, card and `precision` in metadata_props;
+    onnx.checker'd. `step` must already be in `precision` (`half_precision_step`)."""
     import onnx
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,12 +78,17 @@ def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path) ->
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
             torch.onnx.export(step.eval(), args, tmp, input_names=list(STEP_INPUTS), output_names=[STEP_OUTPUT],
                               dynamic_axes={**{k: {0: "batch"} for k in STEP_INPUTS}, STEP_OUTPUT: {0: "batch"}},
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+                              opset_version=OPSET if precision != "bf16" else 20, dynamo=False,
+                              do_constant_folding=True)
         model = onnx.load(tmp)
-        onnx.checker.check_model(model)
+        if precision == "bf16":
+            model.opset_import[0].version = BF16_OPSET
+            model.ir_version = max(model.ir_version, 10)
+        onnx.checker.check_model(model, full_check=precision == "bf16")
         del model.metadata_props[:]
         for k, v in {CARD_KEY: card.to_json(), "diffseg_graph": "denoising_step",
-                     "diffseg_inputs": ",".join(STEP_INPUTS)}.items():
+                     "diffseg_inputs": ",".join(STEP_INPUTS),
+                     **({PRECISION_KEY: precision} if precision != "fp32" else {})}.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = k, v
         model.producer_name = "diffseg-engine"
@@ -72,17 +102,30 @@ def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path) ->
     return out
 
 
-def export_onnx(weights: str | Path, out: str | Path) -> Path:
-    """safetensors weights (with card) -> ONNX step graph at `out`."""
+def export_onnx(weights: str | Path, out: str | Path, precision: str = "fp32") -> Path:
+    """safetensors weights (with card) -> ONNX step graph at `out`, convolutions and matmuls in `precision`."""
     tensors, card = load_weights(weights)
-    return export_step_module(build_step(card, tensors), card, out)
+    return export_step_module(half_precision_step(build_step(card, tensors), precision), card, out, precision)
 
 
-def check_parity(weights: str | Path, onnx_path: str | Path, *, batch: int = 3, seed: int = 0) -> float:
-    """Max |onnxruntime - torch| of the step output on the same random inputs."""
+def precision_error(weights: str | Path, precision: str, *, batch: int = 3, seed: int = 0) -> float:
+    """Max |half step - fp32 step| of x_prev on the same random inputs and noise (torch, on the CPU)."""
+    tensors, card = load_weights(weights)
+    ex = example_inputs(card, batch, seed)
+    args = tuple(torch.from_numpy(ex[k]) for k in STEP_INPUTS)
+    with torch.no_grad():
+        ref = build_step(card, tensors)(*args)
+        got = half_precision_step(build_step(card, tensors), precision)(*args)
+    return float((got.float() - ref).abs().max())
+
+
+def check_parity(weights: str | Path, onnx_path: str | Path, *, batch: int = 3, seed: int = 0,
+                 precision: str = "fp32") -> float:
+    """Max |onnxruntime - torch| of the step output on the same random inputs (torch in the same `precision`;
+    onnxruntime's CPU provider runs fp32 and fp16 graphs, not bf16 convolutions)."""
     from diffseg_engine.backends.ort import OnnxRuntimeBackend
     tensors, card = load_weights(weights)
-    step = build_step(card, tensors)
+    step = half_precision_step(build_step(card, tensors), precision)
     ex = example_inputs(card, batch, seed)
     with torch.no_grad():
         ref = step(*(torch.from_numpy(ex[k]) for k in STEP_INPUTS)).numpy()

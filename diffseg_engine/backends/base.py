@@ -1,13 +1,13 @@
 """The one small interface every runtime implements: a whole denoising step for a batch.
 
-Owns: `StepBackend` (load, allocate, infer), `STEP_INPUTS` (names and shapes of the step graph),
-`open_backend` (name -> backend), `read_card` (a model file's card without loading the model) and
+Owns: `StepBackend` (load, allocate, infer), `open_backend` (name -> backend), `read_card` (a model file's card without loading the model) and
 `batch_memory_error` (a runtime's out-of-memory failure -> `BatchMemoryError`, which the sampler answers by
-halving the chunk). Imports: numpy, `card`, `errors`, `weights`, `onnx_file`; implementations import their
+halving the chunk). Imports: numpy, `card`, `errors`, `step_graph`, `weights`, `onnx_file`; implementations import their
 runtime lazily, so choosing one never loads another.
 """
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -15,19 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..card import CARD_KEY, ModelCard
-from ..errors import BackendError, BatchMemoryError, ModelFileError, UsageError
+from ..errors import BatchMemoryError, ModelFileError, UsageError
+from ..step_graph import STEP_INPUTS, STEP_OUTPUT  # noqa: F401 - re-exported for older call sites
 
-#: Inputs of the step graph, in order: name -> shape (B = batch, C = modalities, H = W = image size).
-STEP_INPUTS = {
-    "image": "[B, C, H, W] float32",
-    "x_t": "[B, 1, H, W] float32",
-    "timestep": "[B] float32",
-    "coef": "[B, 8] float32 (schedule.COEF_NAMES)",
-    "noise": "[B, 1, H, W] float32",
-}
-STEP_OUTPUT = "x_prev"
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 #: What onnxruntime (CPU arena, CUDA, cuBLAS/cuDNN) and torch say when an allocation fails.
 _OOM = re.compile(r"failed to allocate memory|bad_alloc|bad allocation|out of memory|OUT_OF_MEMORY|ALLOC_FAILED"
@@ -55,6 +47,18 @@ class StepBackend(ABC):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device}
+
+    #: True where `device_loop` runs a whole chunk on the device (x_t never leaves it); the sampler then calls
+    #: it once per chunk instead of `infer` once per step. CPU paths keep the host loop.
+    has_device_loop: bool = False
+
+    def device_loop(self, image: np.ndarray, slices: np.ndarray, members: np.ndarray, coefs: np.ndarray,
+                    timesteps: np.ndarray, key: tuple[int, int], on_progress=None) -> np.ndarray:
+        """All K steps of one chunk on the device: `image` [B, C, H, W] and the coefficient rows `coefs` [K, 8]
+        and `timesteps` [K] (row i = step i, sampled from K-1 down to 0) are uploaded once, x_T and every z
+        are drawn there (diffseg-noise/1 under `key`, rows (slices[b], members[b])), and x_0 [B, 1, H, W]
+        float32 comes back once. `on_progress(B)` after each step is queued (no host synchronisation)."""
+        raise NotImplementedError(f"the {self.name} backend has no device loop")
 
 
 def batch_memory_error(exc: BaseException, batch: int, backend: str) -> BatchMemoryError | None:
@@ -87,6 +91,9 @@ def read_card(model: str | Path) -> ModelCard:
             raise ModelFileError("safetensors file has no diffseg model card in its metadata", path=model,
                                  fix="write it with `diffseg-engine train` or `diffseg-engine export`")
         return ModelCard.from_json(meta[CARD_KEY], source=model).require_diffusion(model)
+    if model.suffix == ".plan":
+        from ..tensorrt_plan import read_sidecar
+        return ModelCard.from_json(json.dumps(read_sidecar(model)["card"]), source=model).require_diffusion(model)
     if model.suffix in (".pt", ".pth"):
         raise ModelFileError("is a PyTorch checkpoint; segment runs .onnx or .safetensors models", path=model,
                              fix="convert it with `diffseg-engine export FILE` (it is never unpickled unless you "
@@ -96,7 +103,8 @@ def read_card(model: str | Path) -> ModelCard:
 
 
 def open_backend(name: str, model: str | Path, *, device: str = "auto", threads: int = 0) -> StepBackend:
-    """Open `model` (.onnx or .safetensors) on backend `name` ("onnxruntime" | "torch").
+    """Open `model` (.onnx or .safetensors; for "tensorrt" a .plan, or an .onnx whose cached plan is built
+    on first use) on backend `name` ("onnxruntime" | "torch" | "tensorrt").
 
     threads: CPU threads of the runtime (0: `host.usable_cpus()`, the CPUs this process may use).
 
@@ -111,6 +119,8 @@ def open_backend(name: str, model: str | Path, *, device: str = "auto", threads:
         from .torch_ref import TorchBackend
         return TorchBackend.load(model, device=device, threads=threads)
     if name == "tensorrt":
-        raise BackendError("the TensorRT backend is not available in this version",
-                           fix="use --backend onnxruntime (its CUDA provider runs on NVIDIA GPUs)")
+        if device == "cpu":
+            raise UsageError("--backend tensorrt runs only on an NVIDIA GPU", fix="use --device auto or cuda[:N]")
+        from .tensorrt import TensorRTBackend
+        return TensorRTBackend.load(model, device=device)
     raise UsageError(f"unknown backend {name!r}", fix=f"choose one of {', '.join(BACKENDS)}")

@@ -3,8 +3,12 @@
 Owns: `OnnxRuntimeBackend`, checking that a requested CUDA provider is really active (onnxruntime falls
 back to CPU silently), reading the model card from ONNX `metadata_props`, and turning onnxruntime's
 allocation failures into `BatchMemoryError`. Every file is checked by `onnx_file.inspect_onnx` before
-onnxruntime opens it. Imports: numpy, onnxruntime (lazily), `card`, `errors`, `onnx_file`, `backends.base`.
-Must not import torch.
+onnxruntime opens it. On the CUDA provider `device_loop` runs a whole chunk with IO binding: image, every
+coefficient row and the (slice, member) rows uploaded once as CUDA OrtValues, noise drawn by the
+`noise_device` CUDA kernel (cuda-bindings) on the session's own compute stream, x_t ping-ponged between two
+device buffers, x_0 downloaded once (not executed yet: the GPU machine this project used has no
+onnxruntime-gpu). Imports: numpy, onnxruntime (lazily), `card`, `errors`, `onnx_file`, `step_graph`,
+`noise_device`, `backends.base`. Must not import torch.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from ..card import CARD_KEY, ModelCard
 from ..errors import BackendError, ModelFileError
 from ..host import usable_cpus
 from ..onnx_file import inspect_onnx
-from .base import STEP_INPUTS, STEP_OUTPUT, StepBackend, batch_memory_error
+from ..step_graph import STEP_INPUTS, STEP_OUTPUT
+from .base import StepBackend, batch_memory_error
 
 
 def read_onnx_card(path: str | Path) -> ModelCard:
@@ -69,9 +74,14 @@ class OnnxRuntimeBackend(StepBackend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or usable_cpus()
         opts.log_severity_level = 3
+        stream = None
         if want_cuda:
             dev_id = int(device.split(":")[1]) if ":" in device else 0
-            providers = [("CUDAExecutionProvider", {"device_id": dev_id}), "CPUExecutionProvider"]
+            cuda_opts = {"device_id": dev_id}
+            stream = _compute_stream(dev_id)  # None without cuda-bindings: then the host loop runs
+            if stream is not None:
+                cuda_opts["user_compute_stream"] = str(stream)
+            providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
         sess = _session(path, providers, opts)
@@ -80,12 +90,65 @@ class OnnxRuntimeBackend(StepBackend):
         if device.startswith("cuda") and sess.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendError(f"onnxruntime fell back to {sess.get_providers()[0]} although CUDA was requested",
                                fix="check the CUDA/cuDNN libraries onnxruntime-gpu needs, or use --device cpu")
-        return cls(sess, _card_of(sess, path), path)
+        obj = cls(sess, _card_of(sess, path), path)
+        if obj.device == "cuda":
+            obj.stream, obj.device_id = stream, dev_id
+        return obj
 
     @property
     def device(self) -> str:
         p = self.session.get_providers()[0]
         return "cuda" if p == "CUDAExecutionProvider" else "cpu"
+
+    @property
+    def has_device_loop(self) -> bool:  # type: ignore[override]
+        return self.device == "cuda" and self.stream is not None
+
+    stream = None  # the CUDA stream handed to the provider as its compute stream (set by `load`)
+    device_id = 0
+
+    def device_loop(self, image, slices, members, coefs, timesteps, key, on_progress=None) -> np.ndarray:
+        import onnxruntime as ort
+
+        from ..noise_device import CudaNoise
+        from ..tensorrt_plan import cuda_devices
+        B, K = len(image), len(coefs)
+        h, w = image.shape[2:]
+        dev = self.device_id
+
+        def put(a: np.ndarray):
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", dev)
+        try:
+            img = put(image.astype(np.float32))
+            coef_v = [put(np.broadcast_to(coefs[i], (B, coefs.shape[1])).astype(np.float32)) for i in range(K)]
+            time_v = [put(np.full(B, timesteps[i], np.float32)) for i in range(K)]
+            rows = put(np.stack([slices, members], 1).astype(np.uint32))
+            xs = [ort.OrtValue.ortvalue_from_shape_and_type((B, 1, h, w), np.float32, "cuda", dev) for _ in (0, 1)]
+            z = ort.OrtValue.ortvalue_from_shape_and_type((B, 1, h, w), np.float32, "cuda", dev)
+            cc = next(d["compute_capability"] for d in cuda_devices() or [] if d["index"] == dev)
+            noise = CudaNoise(key, rows.data_ptr(), B, h * w, cc)
+            noise.draw(xs[0].data_ptr(), self.stream)  # x_T on the provider's compute stream: ordered with it
+            run = ort.RunOptions()
+            run.add_run_config_entry("disable_synchronize_execution_providers", "1")  # no host sync per step
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input("image", img)
+            binding.bind_ortvalue_input("noise", z)
+            for k, i in enumerate(range(K - 1, -1, -1)):
+                noise.draw(z.data_ptr(), self.stream)
+                binding.bind_ortvalue_input("x_t", xs[k % 2])
+                binding.bind_ortvalue_input("timestep", time_v[i])
+                binding.bind_ortvalue_input("coef", coef_v[i])
+                binding.bind_ortvalue_output(STEP_OUTPUT, xs[1 - k % 2])
+                self.session.run_with_iobinding(binding, run)
+                if on_progress:
+                    on_progress(B)
+            binding.synchronize_outputs()
+            return xs[K % 2].numpy()
+        except Exception as exc:
+            oom = batch_memory_error(exc, B, self.name)
+            if oom is not None:
+                raise oom from None
+            raise
 
     def infer(self, image, x_t, timestep, coef, noise) -> np.ndarray:
         feeds = {"image": image, "x_t": x_t, "timestep": timestep, "coef": coef, "noise": noise}
@@ -97,6 +160,19 @@ class OnnxRuntimeBackend(StepBackend):
             if oom is not None:
                 raise oom from None
             raise
+
+
+def _compute_stream(device_id: int) -> int | None:
+    """A CUDA stream (as an int handle) on `device_id` for the CUDA provider and the noise kernel, or None
+    where cuda-bindings is not installed."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None
+    if int(cudart.cudaSetDevice(device_id)[0]) != 0:
+        return None
+    err, stream = cudart.cudaStreamCreate()
+    return int(stream) if int(err) == 0 else None
 
 
 def ensure_onnx(weights: str | Path) -> Path:
@@ -114,7 +190,8 @@ def ensure_onnx(weights: str | Path) -> Path:
     for cand in candidates:
         if cand.is_file():
             try:
-                if read_onnx_card(cand).weights_sha256 == card.weights_sha256:
+                info = inspect_onnx(cand)
+                if info.card.weights_sha256 == card.weights_sha256 and info.precision == "fp32":
                     return cand
             except ModelFileError:
                 pass

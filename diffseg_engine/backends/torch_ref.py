@@ -1,7 +1,10 @@
 """The torch reference backend: the same step in eager PyTorch (the only runtime module that imports train/).
 
-Owns: `TorchBackend` (and turning torch's out-of-memory errors into `BatchMemoryError`). Imports: torch,
-`diffseg_engine.train.step`, `weights`.
+Owns: `TorchBackend` (and turning torch's out-of-memory errors into `BatchMemoryError`) and its device loop:
+on CUDA a chunk runs on the GPU (image and coefficient rows uploaded once, noise from `noise_device.TorchNoise`,
+x_t kept there, each step replayed from a captured CUDA graph, x_0 back once); on the CPU the host loop stays
+(`device_loop` also runs there, for tests). Imports: torch, `diffseg_engine.train.step`, `weights`,
+`noise_device`.
 """
 from __future__ import annotations
 
@@ -17,11 +20,19 @@ from .base import StepBackend, batch_memory_error
 class TorchBackend(StepBackend):
     name = "torch"
 
-    def __init__(self, step, card, device: str, path: Path | None = None):
+    def __init__(self, step, card, device: str, path: Path | None = None, cuda_graphs: bool = True):
         self.step, self.card, self._device, self.path = step, card, device, path
+        self.cuda_graphs = cuda_graphs
+
+    @property
+    def has_device_loop(self) -> bool:  # type: ignore[override]
+        return self._device.startswith("cuda")
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "auto", threads: int = 0) -> "TorchBackend":
+    def load(cls, path: str | Path, *, device: str = "auto", threads: int = 0,
+             precision: str = "fp32") -> "TorchBackend":
+        """precision: fp32, or fp16/bf16 for the convolutions and matmuls (`export.onnx_export.half_precision_step`:
+        the same mixed-precision step that `export --precision` writes). threads: 0 = `host.usable_cpus()`."""
         try:
             import torch
         except ImportError:
@@ -40,7 +51,11 @@ class TorchBackend(StepBackend):
         tensors, card = load_weights(path)
         dev = device if device.startswith("cuda") else "cuda" if device == "auto" and torch.cuda.is_available() \
             else "cpu"
-        return cls(build_step(card, tensors).to(dev), card, dev, path)
+        step = build_step(card, tensors)
+        if precision != "fp32":
+            from ..export.onnx_export import half_precision_step
+            step = half_precision_step(step, precision)
+        return cls(step.to(dev), card, dev, path)
 
     @property
     def device(self) -> str:
@@ -60,3 +75,53 @@ class TorchBackend(StepBackend):
         if self._device.startswith("cuda"):
             torch.cuda.empty_cache()  # give the failed batch's blocks back before the sampler retries smaller
         raise oom
+
+    def device_loop(self, image, slices, members, coefs, timesteps, key, on_progress=None) -> np.ndarray:
+        import torch
+        try:
+            with torch.inference_mode():
+                return self._device_loop(torch, image, slices, members, coefs, timesteps, key, on_progress)
+        except Exception as exc:
+            oom = batch_memory_error(exc, len(image), self.name)
+            if oom is None:
+                raise
+        if self._device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        raise oom
+
+    def _device_loop(self, torch, image, slices, members, coefs, timesteps, key, on_progress):
+        from ..noise_device import TorchNoise
+        dev = torch.device(self._device)
+        B, K = len(image), len(coefs)
+        img = torch.from_numpy(np.require(image, np.float32, ("C", "W"))).to(dev)
+        coef_rows = torch.from_numpy(np.require(coefs, np.float32, ("C", "W"))).to(dev)     # [K, 8], once
+        t_rows = torch.from_numpy(np.require(timesteps, np.float32, ("C", "W"))).to(dev)     # [K], once
+        noise = TorchNoise(key, slices, members, tuple(image.shape[2:]), dev)
+        x = noise.draw()  # x_T: draw 0
+        coef = coef_rows[K - 1].expand(B, -1).contiguous()
+        t = t_rows[K - 1].expand(B).contiguous()
+        z = torch.empty_like(x)
+        graph = out = None
+        if dev.type == "cuda" and self.cuda_graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(img, x.clone(), t, coef, z)  # warm-up outside the capture (cuDNN plans, allocator)
+            torch.cuda.current_stream().wait_stream(side)
+            x_in = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.step(img, x_in, t, coef, z)
+            x_in.copy_(x)
+        for i in range(K - 1, -1, -1):
+            coef.copy_(coef_rows[i].expand(B, -1))
+            t.copy_(t_rows[i].expand(B))
+            noise.draw(out=z)
+            if graph is not None:
+                graph.replay()
+                x_in.copy_(out)
+            else:
+                x = self.step(img, x, t, coef, z)
+            if on_progress:
+                on_progress(B)
+        return (x_in if graph is not None else x).float().cpu().numpy()
