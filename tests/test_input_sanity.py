@@ -5,7 +5,6 @@ benchmarks/results/input_sanity-measurements.md)."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -76,33 +75,24 @@ def test_native_flair_is_refused_by_segment_before_the_model_loads(shared_data, 
     assert not out.exists()
 
 
-def test_t1_given_as_flair_is_caught(shared_data, tiny_model, tmp_path, no_model_loading):
-    """The issue's case: a T1 volume given to the FLAIR model. Refused for every T1 here (see the thresholds)."""
-    t1s = sorted(p for p in shared_data.rglob("*.nii.gz") if "native" not in str(p) and "slices2d" not in str(p)
-                 and any(p.name.lower().endswith(t) for t in ("_t1.nii.gz", "-t1n.nii.gz")))
-    assert len(t1s) >= 10
-    for p in t1s:
-        with pytest.raises(InputImageError, match="T1 rather than FLAIR"):
-            _verdict(p, "flair")
-    t1 = shared_data / PREPROCESSED / "TCGA-FG-6692_t1.nii.gz"
-    out = tmp_path / "out"
-    res = runner.invoke(app, ["segment", "--modality", f"flair={t1}", "--model", str(tiny_model[1]),
-                              "--out", str(out), "-q"])
-    assert res.exit_code == IMG, res.output
-    assert len(res.output.strip().splitlines()) == 1 and t1.name in res.output and "--force" in res.output
-    assert not out.exists()
+def test_t1_given_as_flair_is_warned_about_where_the_evidence_allows(shared_data):
+    """The issue's case, a T1 volume given to the FLAIR model: the intensity level separates T1 from FLAIR only on
+    some cohorts (not on BraTS 2020's TCGA-FG-6692), so it is a warning, never a refusal (sanity.py docstring)."""
+    t1 = shared_data / "other/AURORA-example/AURORA-example_t1.nii.gz"
+    assert _verdict(t1, "flair", log_warnings=False).startswith("warn: ")
+    assert "T1 rather than FLAIR" in _verdict(t1, "flair", log_warnings=False)
 
 
-def test_force_segments_anyway_warns_and_records_it(shared_data, tiny_model, tmp_path, caplog):
-    t1 = shared_data / PREPROCESSED / "TCGA-FG-6692_t1.nii.gz"
+def test_force_segments_anyway_warns_and_records_it(shared_data, tiny_model, tmp_path):
+    native = shared_data / NATIVE / "TCGA-FG-6692-native_flair.nii.gz"
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="diffseg_engine"):
-        res = runner.invoke(app, ["segment", "--modality", f"flair={t1}", "--model", str(tiny_model[1]),
-                                  "--out", str(out), "-q", "--steps", "1", "--n", "1", "--force"])
+    res = runner.invoke(app, ["segment", str(native), "--model", str(tiny_model[1]),
+                              "--out", str(out), "-q", "--steps", "1", "--n", "1", "--force"])
     assert res.exit_code == 0, res.output
     prov = json.loads(next(out.glob("*_provenance.json")).read_text())
-    assert prov["input_checks"]["forced"] is True and "T1" in prov["input_checks"]["overridden"][0]
-    assert any("--force" in r.getMessage() and t1.name in r.getMessage() for r in caplog.records)
+    assert prov["input_checks"]["forced"] is True and "skull-stripped" in prov["input_checks"]["overridden"][0]
+    warnings = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "--force" in warnings[0] and native.name in warnings[0], res.output
 
 
 def test_a_proper_flair_records_clean_checks(shared_data, tiny_model, tmp_path):
