@@ -386,7 +386,8 @@ _INPUT_NOTE = ("The default model needs one FLAIR volume, skull-stripped and co-
 
 @app.command(help=f"""Segment one case: ensemble mean, variance and mask NIfTI on the input grid, plus provenance JSON.
 
-{_INPUT_NOTE} Options, the model card, the inputs and --out are all checked before the model is loaded. A run that
+{_INPUT_NOTE} Options, the model card, the inputs and --out are all checked before the model is loaded; an input
+that is not skull-stripped or does not look like the model's modality is refused (--force: warned about). A run that
 is interrupted (Ctrl-C, kill, power loss) resumes when the same command is run again.
 
 Example: `diffseg-engine segment BraTS20_Training_001/ -o out/` or `diffseg-engine segment -m flair=flair.nii.gz`
@@ -425,6 +426,9 @@ def segment(
              "tumour are not modelled) and CASE_unc_whole.nii.gz (uint8 0-100 = 100 x entropy of the mean)."),
     save_samples: bool = typer.Option(False, "--save-samples", help="Also write every member's mask (4D uint8)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results already in --out."),
+    force: bool = typer.Option(False, "--force", help="Segment inputs that fail the input checks (not skull-stripped, "
+                                                       "not the model's modality): a warning instead of a refusal, "
+                                                       "recorded in the provenance."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
 ) -> None:
     from .backends.base import read_card
@@ -436,7 +440,7 @@ def segment(
     model_path = model or default_model()
     card = read_card(model_path)  # the card only: no session, no weights yet
     plan = chosen_plan(card, _value(sampler), steps, eta)
-    case = resolve_case(list(inputs or []), modality, card)
+    case = resolve_case(list(inputs or []), modality, card, force=force)
     check_output(out, case, overwrite=overwrite)
     eng = open_model(model_path, backend.value, device, threads=threads)
     try:
@@ -499,6 +503,9 @@ def evaluate(
     sizes: Optional[str] = typer.Option(None, show_default=False,
                                         help="Ensemble sizes for the Dice-vs-N curve, e.g. 1,5,10."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --out."),
+    force: bool = typer.Option(False, "--force", help="Segment inputs that fail the input checks (not skull-stripped, "
+                                                       "not the model's modality): a warning instead of a refusal, "
+                                                       "recorded in the provenance."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
 ) -> None:
     """Score segmentations against ground truth (the paper's per-slice protocol and 3D), with uncertainty metrics.
@@ -517,7 +524,7 @@ def evaluate(
     res = evaluate_folder(data, out, predictions=predictions, backend=eng, plan=plan, n=n, seed=seed,
                           batch_size=batch_size, policy=policy.value,
                           ensemble_sizes=[int(k) for k in sizes.split(",")] if sizes else None,
-                          overwrite=overwrite, quiet=_quiet(quiet), command=" ".join(sys.argv))
+                          overwrite=overwrite, quiet=_quiet(quiet), command=" ".join(sys.argv), force=force)
     for k, p in res.reports.items():
         typer.echo(f"  {k:<10} {p}")
 

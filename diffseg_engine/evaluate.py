@@ -1001,7 +1001,7 @@ def evaluate_folder(gt_root: str | Path, out_dir: str | Path, *, predictions: st
                     policy: str | M.EmptyPolicy = "brats", ensemble_sizes: Sequence[int] | None = None,
                     top_percent: float = 5.0, variance_threshold: float = 0.05, n_levels: int = 100,
                     overwrite: bool = False, quiet: bool = False, overview: bool = False, command: str = "",
-                    progress_factory: Callable[..., ProgressBar] = ProgressBar) -> EvaluationResult:
+                    progress_factory: Callable[..., ProgressBar] = ProgressBar, force: bool = False) -> EvaluationResult:
     """Score segmentations of the labelled cases under `gt_root` and write the reports into `out_dir`.
 
     Exactly one of:
@@ -1051,7 +1051,7 @@ def evaluate_folder(gt_root: str | Path, out_dir: str | Path, *, predictions: st
             if not overwrite and prov.exists() and _reusable(prov, backend.card, n, seed, plan, True):
                 continue
             try:
-                ci = resolve_case([case.folder], [], backend.card)
+                ci = resolve_case([case.folder], [], backend.card, force=force)
             except (InputImageError, MissingModalityError) as exc:
                 failures[case.case_id] = f"segmentation failed: {exc}"
                 continue

@@ -36,6 +36,7 @@ from .nifti_io import LoadedImage, encode_like, load_image
 from .partial import PartialRun, describe_mismatch
 from .preprocess import PreparedCase, prepare_case, restore
 from .progress import ProgressBar
+from .sanity import check_case
 from .qubrats import WHOLE_TUMOUR_LABEL, binary_entropy, label_map, submission_paths, uncertainty_map
 from .sampler import SamplingPlan, sample_ensemble
 from .weights import file_sha256 as _sha256
@@ -56,6 +57,8 @@ class CaseInput:
     sources: dict[str, str] = field(default_factory=dict)  # modality -> file
     prepared: PreparedCase | None = None  # network input (`resolve_case` fills it in)
     prepare_s: float = 0.0
+    forced: list[str] = field(default_factory=list)  # input checks overridden by force=True (`sanity`)
+    warnings: list[str] = field(default_factory=list)  # input checks that warned (`sanity`)
 
 
 def default_model() -> Path:
@@ -88,9 +91,12 @@ def _split_4d(loaded: LoadedImage) -> list[LoadedImage]:
 
 
 def resolve_case(inputs: Sequence[Path], modality_args: Sequence[str], card: ModelCard, *,
-                 prepare: bool = True) -> CaseInput:
+                 prepare: bool = True, force: bool = False) -> CaseInput:
     """Match the user's inputs to `card.modalities`, load them (validated, same grid) and, with `prepare`,
-    preprocess them for the network (which refuses constant images, an in-plane size the model cannot take...).
+    preprocess them for the network (which refuses constant images, an in-plane size the model cannot take...)
+    and check that each looks like a skull-stripped, BraTS-preprocessed volume of its modality
+    (`sanity.check_case`: refused unless `force`, which makes the refusals warnings; `CaseInput.forced` lists
+    what was overridden, for the provenance).
 
     inputs: a case folder (any naming of ../shared/data), one 3D file (single-modality models), or one 4D
     file with the modalities on the last axis in the model's order. modality_args: ``flair=PATH`` pairs.
@@ -159,6 +165,10 @@ def resolve_case(inputs: Sequence[Path], modality_args: Sequence[str], card: Mod
         case.prepared = prepare_case([im.data for im in loaded], loaded[0].affine, card.preprocessing,
                                      names=[im.path for im in loaded])  # errors name the file at fault
         case.prepare_s = time.perf_counter() - t0
+        verdicts = check_case([im.data for im in loaded], loaded[0].affine, loaded[0].image.header.get_zooms()[:3],
+                              need, card.preprocessing, names=[im.path for im in loaded], force=force)
+        case.forced = [v for v in verdicts if v.startswith("refuse: ")]
+        case.warnings = [v for v in verdicts if v.startswith("warn: ")]
     return case
 
 
@@ -487,6 +497,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
                             "unc_whole": "QU-BraTS whole-tumour uncertainty, uint8 0..100 = round(100 x entropy)"}
                            if output_format == "qubrats" else {})},
         "format": output_format,
+        "input_checks": {"forced": bool(case.forced), "overridden": case.forced, "warnings": case.warnings},
     }
     _write_json_atomic(paths["provenance"], prov)  # written last: marks completion
     partial.remove()

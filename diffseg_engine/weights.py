@@ -1,8 +1,11 @@
-"""Model weights on disk: safetensors files read and written with numpy, never unpickled.
+"""Model weights on disk: safetensors files read and written as numpy arrays, never unpickled.
 
-Owns: the safetensors container (`save_weights`, `load_weights`), the weights digest stored in the model
-card (`weights_digest`), and the checks that refuse truncated or tampered files.
-Imports: numpy, `card`, `errors`. Must not import torch (the runtime reads weights without it).
+Owns: `save_weights` / `load_weights` / `read_metadata` (the container itself is the `safetensors` package's
+numpy API: parsing, bounds and overlap checks are the library's), the weights digest stored in the model card
+(`weights_digest`), and the translation of the library's errors into one-line `ModelFileError`s that name
+the file (truncated, trailing bytes, impossible header, not JSON) plus the refusal of files without a card or
+whose tensors do not match the card's digest.
+Imports: numpy, safetensors, `card`, `errors`. Must not import torch (the runtime reads weights without it).
 
 Format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length N, N bytes of JSON
 header ``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}``, then the raw data.
@@ -11,25 +14,30 @@ The model card is stored as JSON in ``__metadata__["diffseg_card"]``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as _serialize
 
 from .atomic import atomic_write
 from .card import CARD_KEY, ModelCard
 from .errors import ModelFileError
 
+#: dtype names in the digest (safetensors' names; the digest of every file written so far depends on them).
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _dtype_name(dtype: np.dtype) -> str | None:
+    """safetensors' name of a numpy dtype; bfloat16 (ml_dtypes, when installed) is BF16."""
+    return "BF16" if dtype.name == "bfloat16" else _NAMES.get(dtype.newbyteorder("<"))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -47,7 +55,7 @@ def weights_digest(tensors: Mapping[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        h.update(f"{name}|{_NAMES.get(arr.dtype, arr.dtype.str)}|{list(arr.shape)}|".encode())
+        h.update(f"{name}|{_dtype_name(arr.dtype) or arr.dtype.str}|{list(arr.shape)}|".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
 
@@ -57,84 +65,69 @@ def save_weights(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], car
     """Write `tensors` and `card` (with its weights_sha256 filled in) atomically. Returns that card."""
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     for k, a in arrays.items():
-        if a.dtype.newbyteorder("<") not in _NAMES:
+        if _dtype_name(a.dtype) is None:
             raise ModelFileError(f"tensor {k} has unsupported dtype {a.dtype}")
         arrays[k] = a.astype(a.dtype.newbyteorder("<"), copy=False)
     card = card.replace(weights_sha256=weights_digest(arrays))
-    header: dict[str, object] = {"__metadata__": {CARD_KEY: card.to_json(), **dict(extra_metadata or {})}}
-    offset = 0
-    for name in sorted(arrays):
-        a = arrays[name]
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    blob = _serialize(arrays, metadata={CARD_KEY: card.to_json(), **dict(extra_metadata or {})})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
-        f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name in sorted(arrays):
-            f.write(arrays[name].tobytes())
     return card
+
+
+#: Words of the safetensors library's error messages (0.8: prose; older releases: the Rust variant's name) ->
+#: what a user reads. First match wins.
+_LIBRARY_ERRORS = (
+    (("too small", "HeaderTooSmall"), "file is too short to be safetensors (truncated?)"),
+    (("too large", "header length", "HeaderTooLarge", "InvalidHeaderLength"),
+     "safetensors header length is impossible (truncated or not safetensors)"),
+    (("not fully covered", "incomplete metadata", "MetadataIncompleteBuffer"),
+     "tensor data does not fill the file exactly: truncated, or trailing bytes after the last tensor "
+     "(tampered or corrupt)"),
+    (("offset", "InvalidOffset"), "tensor offsets overlap or lie outside the file (tampered or truncated)"),
+    (("utf", "deserializ", "json", "InvalidHeader"), "safetensors header is not valid JSON (corrupt file)"),
+)
+
+
+def _library_error(exc: Exception, path: Path) -> ModelFileError:
+    text = " ".join(str(exc).split())
+    for words, message in _LIBRARY_ERRORS:
+        if any(w.lower() in text.lower() for w in words):
+            return ModelFileError(message, path=path)
+    return ModelFileError(f"not a readable safetensors file ({text or type(exc).__name__})", path=path)
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise ModelFileError("model file not found", path=path, fix="check the --model path")
+    try:
+        return safe_open(str(path), framework="numpy")
+    except (SafetensorError, ValueError, OSError) as exc:  # the library raises SafetensorError; be lenient
+        raise _library_error(exc, path) from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (cheap: reads the header only)."""
-    return _read_header(Path(path))[0].get("__metadata__", {}) or {}
-
-
-def _read_header(path: Path) -> tuple[dict, int, int]:
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ModelFileError("file is too short to be safetensors (truncated?)", path=path)
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise ModelFileError("safetensors header length is impossible (truncated or not safetensors)",
-                                     path=path)
-            header = json.loads(f.read(n).decode("utf-8"))
-    except FileNotFoundError:
-        raise ModelFileError("model file not found", path=path, fix="check the --model path") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelFileError("safetensors header is not valid JSON (corrupt file)", path=path) from None
-    if not isinstance(header, dict):
-        raise ModelFileError("safetensors header is not a JSON object", path=path)
-    return header, 8 + n, size
+    path = Path(path)
+    with _open(path) as f:
+        return dict(f.metadata() or {})
 
 
 def load_weights(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, np.ndarray], ModelCard]:
     """Read tensors and model card; with `verify`, refuse files whose tensors do not match the card's digest."""
     path = Path(path)
-    header, start, size = _read_header(path)
-    meta = header.pop("__metadata__", None) or {}
-    if CARD_KEY not in meta:
-        raise ModelFileError("safetensors file has no diffseg model card in its metadata", path=path,
-                             fix="write it with `diffseg-engine train` or `diffseg-engine export`")
-    card = ModelCard.from_json(meta[CARD_KEY], source=path)
-    data = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else np.zeros(0, np.uint8)
-    tensors: dict[str, np.ndarray] = {}
-    spans = []
-    for name, info in header.items():
+    with _open(path) as f:
+        meta = f.metadata() or {}
+        if CARD_KEY not in meta:
+            raise ModelFileError("safetensors file has no diffseg model card in its metadata", path=path,
+                                 fix="write it with `diffseg-engine train` or `diffseg-engine export`")
+        card = ModelCard.from_json(meta[CARD_KEY], source=path)
         try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            lo, hi = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelFileError(f"tensor {name!r} has a malformed header entry", path=path) from None
-        if not (0 <= lo <= hi <= size - start) or hi - lo != int(np.prod(shape)) * dtype.itemsize:
-            raise ModelFileError(f"tensor {name!r} lies outside the file or has the wrong size (truncated?)",
-                                 path=path)
-        spans.append((lo, hi))
-        tensors[name] = np.array(data[start + lo:start + hi].view(dtype).reshape(shape))
-    spans.sort()
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
-        raise ModelFileError("tensors overlap in the file (tampered)", path=path)
-    if spans and spans[-1][1] != size - start:
-        raise ModelFileError("file has trailing bytes after the last tensor (tampered or corrupt)", path=path)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, TypeError, ValueError) as exc:  # e.g. a dtype numpy lacks
+            raise _library_error(exc, path) from None
     if verify:
         digest = weights_digest(tensors)
         if digest != card.weights_sha256:

@@ -97,3 +97,19 @@ def test_file_without_card_is_refused_with_fix(tmp_path):
         load_weights(tmp_path / "plain.safetensors")
     assert "plain.safetensors" in str(exc.value) and "\n" not in str(exc.value)
     assert read_metadata(tmp_path / "plain.safetensors") == {}
+
+
+def test_half_precision_tensors_round_trip(tmp_path):
+    """The shipped model is fp16; bf16 (numpy via ml_dtypes, when installed) round-trips too, digest intact."""
+    t = {"h": np.linspace(-2, 2, 12, dtype=np.float16).reshape(3, 4), "f": np.arange(3, dtype=np.float32)}
+    try:
+        import ml_dtypes
+        t["b"] = np.linspace(-1, 1, 6, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    except ImportError:
+        pass
+    card = save_weights(tmp_path / "h.safetensors", t, _card())
+    back, card2 = load_weights(tmp_path / "h.safetensors")
+    assert card2.weights_sha256 == card.weights_sha256 == weights_digest(back)
+    for k in t:
+        assert back[k].dtype == t[k].dtype
+        np.testing.assert_array_equal(back[k].astype(np.float32), t[k].astype(np.float32))

