@@ -15,8 +15,9 @@ from diffseg_engine.noise import NoiseStreams  # noqa: E402
 from diffseg_engine.sampler import plan_sampling, sample_ensemble  # noqa: E402
 
 
-def _run(backend, images, *, loop: bool, batch_size: int, members: int = 3, steps: int = 8, sampler="ddpm"):
-    plan = plan_sampling(backend.card, sampler, steps)
+def _run(backend, images, *, loop: bool, batch_size: int, members: int = 3, steps: int = 8, sampler="ddpm",
+         plan=None):
+    plan = plan or plan_sampling(backend.card, sampler, steps)
     counted = []
     stats = sample_ensemble(backend.infer, images, members=members, plan=plan, streams=NoiseStreams(4, "loop"),
                             slice_ids=np.array([7, 30]), card=backend.card, batch_size=batch_size,
@@ -47,10 +48,19 @@ def test_device_loop_matches_the_host_loop_on_the_same_streams(backend, images):
     np.testing.assert_array_equal(dev.mean > 0.5, host.mean > 0.5)
 
 
-def test_device_loop_does_not_depend_on_chunking(backend, images):
-    a, _ = _run(backend, images, loop=True, batch_size=6, sampler="ddim")
-    b, _ = _run(backend, images, loop=True, batch_size=1, sampler="ddim")
-    np.testing.assert_allclose(a.mean, b.mean, atol=1e-5)  # noise bit-identical; the network per batch size
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_device_loop_does_not_depend_on_chunking(backend, images, sampler):
+    """Chunks of 6, 4 and 1 items (1: an expanded coefficient row is already contiguous; the loop once wrote
+    into the caller's plan there, so every later chunk started from the wrong row) give the same ensemble,
+    and the caller's plan is left untouched."""
+    plan = plan_sampling(backend.card, sampler, 8)
+    before = plan.coefs.copy(), plan.timesteps.copy()
+    a, _ = _run(backend, images, loop=True, batch_size=6, sampler=sampler)
+    for bs in (4, 1):
+        b, _ = _run(backend, images, loop=True, batch_size=bs, plan=plan)
+        np.testing.assert_allclose(a.mean, b.mean, atol=1e-5, err_msg=f"batch {bs}")
+    np.testing.assert_array_equal(plan.coefs, before[0])
+    np.testing.assert_array_equal(plan.timesteps, before[1])
 
 
 def test_tensorrt_backend_refuses_cpu_and_missing_plans(tmp_path):
@@ -128,3 +138,4 @@ def test_onnxruntime_cuda_io_binding_loop_agrees_with_cpu(tiny_model, images):
     a, _ = _run(gpu, images, loop=True, batch_size=6)
     b, _ = _run(cpu, images, loop=False, batch_size=6)
     np.testing.assert_allclose(a.mean, b.mean, atol=2e-3)
+

@@ -98,8 +98,10 @@ class TorchBackend(StepBackend):
         t_rows = torch.from_numpy(np.require(timesteps, np.float32, ("C", "W"))).to(dev)     # [K], once
         noise = TorchNoise(key, slices, members, tuple(image.shape[2:]), dev)
         x = noise.draw()  # x_T: draw 0
-        coef = coef_rows[K - 1].expand(B, -1).contiguous()
-        t = t_rows[K - 1].expand(B).contiguous()
+        # own buffers (clone, not contiguous(): at B = 1 an expanded row is already contiguous and the in-place
+        # copies below would write into coef_rows, which on the CPU shares memory with the caller's plan)
+        coef = coef_rows[K - 1].expand(B, -1).clone()
+        t = t_rows[K - 1].expand(B).clone()
         z = torch.empty_like(x)
         graph = out = None
         if dev.type == "cuda" and self.cuda_graphs:
