@@ -444,7 +444,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
                 slice_ids=prepared.slice_index, card=card, batch_size=bs, stats=stats, start_item=start,
                 on_progress=bar.advance, on_chunk=on_chunk, on_batch_size=on_batch_size,
                 on_member=(lambda s, m, p: samples.__setitem__((s, m), p)) if samples is not None else None,
-                device_loop=backend.device_loop if backend.has_device_loop else None)
+                device_loop=backend.device_loop if getattr(backend, "has_device_loop", False) else None)
     except BaseException:
         if not partial.chunk_files():  # on disk, not saved["next"]: Ctrl-C may land just after a commit
             partial.remove()  # nothing worth resuming: leave --out as it was

@@ -121,7 +121,7 @@ def test_segment_format_qubrats_then_evaluate_scores_the_submission(shared_data,
     res = runner.invoke(app, ["evaluate", "--data", str(data), "--predictions", str(sub_only), "-o",
                               str(tmp_path / "rep"), "-q"])
     assert res.exit_code == 0, res.output
-    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "rep" / "evaluation_summary.json").read_text())
     flair = np.asarray(ref.dataobj)
     gt = np.asarray(nib.load(str(case / f"{cid}_seg.nii.gz")).dataobj) > 0
     brain = np.zeros(gt.shape, bool)
