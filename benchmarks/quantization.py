@@ -41,7 +41,7 @@ import numpy as np
 
 from _host import cpu_info  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine import nifti_io, preprocess
-from diffseg_engine.backends.base import STEP_INPUTS, STEP_OUTPUT
+from diffseg_engine.step_graph import STEP_INPUTS, STEP_OUTPUT
 from diffseg_engine.backends.ort import OnnxRuntimeBackend
 from diffseg_engine.cases import find_case
 from diffseg_engine.metrics import dice

@@ -136,7 +136,8 @@ def export(
 @_handle_errors
 def segment(
     inputs: List[Path] = typer.Argument(None, help="A case folder, a 3D NIfTI (single-modality model) or a 4D "
-                                                   "NIfTI with modalities on the last axis."),
+                                                   "NIfTI with modalities on the last axis; or a cohort: a folder "
+                                                   "of case folders, or a text file listing cases."),
     modality: List[str] = typer.Option([], "--modality", "-m", help="NAME=PATH, repeated (flair=..., t1=...)."),
     out: Path = typer.Option(Path("diffseg-out"), "--out", "-o", help="Output folder."),
     model: Optional[Path] = typer.Option(None, "--model", help=".onnx or .safetensors (default: the shipped model)."),
@@ -153,11 +154,18 @@ def segment(
     save_samples: bool = typer.Option(False, "--save-samples", help="Also write every member's mask (4D uint8)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results already in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    num_parts: int = typer.Option(1, "--num-parts", help="Cohorts: split the cases into K parts (job arrays)."),
+    part_id: int = typer.Option(0, "--part-id", help="Cohorts: segment part I (0..K-1) only."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS",
+                                      help="Cohorts: run on Ray. local (a Ray instance on this machine), auto (the "
+                                           "cluster started here with `ray start`) or ray://HOST:10001."),
 ) -> None:
-    """Segment one case: ensemble mean, variance and mask NIfTI on the input grid, plus provenance JSON.
+    """Segment one case, or a cohort: ensemble mean, variance and mask NIfTI on the input grid, plus
+    provenance JSON (and, for a cohort, cohort_summary.csv/.md).
 
     Options, the model card, the inputs and --out are all checked before the model is loaded. A run that is
-    interrupted (Ctrl-C, kill, power loss) resumes when the same command is run again.
+    interrupted (Ctrl-C, kill, power loss) resumes when the same command is run again; in a cohort, cases
+    already finished with the same parameters are skipped and a failed case does not stop the others.
     """
     from .backends.base import read_card
     _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
@@ -167,6 +175,16 @@ def segment(
     model_path = model or default_model()
     card = read_card(model_path)  # the card only: no session, no weights yet
     plan = chosen_plan(card, sampler, steps, eta)
+    from .cohort import is_cohort_source
+    if len(inputs or []) == 1 and not modality and is_cohort_source(inputs[0]):
+        _segment_cohort(inputs[0], out, model_path, plan, n=n, seed=seed, batch_size=batch_size,
+                        save_samples=save_samples, overwrite=overwrite, quiet=quiet, backend=backend, device=device,
+                        num_parts=num_parts, part_id=part_id, ray=ray)
+        return
+    if num_parts != 1 or part_id != 0 or ray is not None:
+        from .errors import UsageError
+        raise UsageError("--num-parts, --part-id and --ray split a cohort; this input is one case",
+                         fix="give a folder of case folders or a text file listing cases")
     case = resolve_case(list(inputs or []), modality, card)
     check_output(out, case, overwrite=overwrite)
     eng = open_model(model_path, backend, device)
@@ -182,31 +200,33 @@ def segment(
                    f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
 
 
+def _segment_cohort(source: Path, out: Path, model_path: Path, plan, *, n: int, seed: int, batch_size: int,
+                    save_samples: bool, overwrite: bool, quiet: bool, backend: str, device: str, num_parts: int,
+                    part_id: int, ray: Optional[str]) -> None:
+    from .cohort import RunSettings, segment_cohort
+    from .errors import CasesFailedError
+    settings = RunSettings(n=n, plan=plan, seed=seed, batch_size=batch_size, save_samples=save_samples,
+                           overwrite=overwrite)
+    res = segment_cohort(source, out, model_path, settings, backend=backend, device=device, num_parts=num_parts,
+                         part_id=part_id, use_ray=ray is not None, ray_address=ray,
+                         quiet=quiet, command=" ".join(sys.argv))
+    counts = res.counts()
+    typer.echo(f"{counts['done']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
+               f"summary: {res.summary['md']}")
+    if res.failed:
+        raise CasesFailedError(f"{len(res.failed)} of {len(res.statuses)} cases failed "
+                               f"({', '.join(s.case_id for s in res.failed[:5])}{', ...' if len(res.failed) > 5 else ''})",
+                               path=res.summary["csv"], fix="read each case's message there, fix it and rerun the "
+                                                            "same command (finished cases are skipped)")
+
+
 def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_size: int, sampler: Optional[str],
                             eta: Optional[float],
                             backend: str, device: str) -> None:
-    """`UsageError` for option values that cannot work, before any file is opened."""
-    import re
-
-    from .backends.base import BACKENDS, DEVICE_PATTERN
-    from .errors import UsageError
-    from .sampler import SAMPLERS
-    if n < 1:
-        raise UsageError(f"--n must be at least 1, got {n}")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}")
-    if batch_size < 0:
-        raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {batch_size}")
-    if not 0 <= seed < 2**63:
-        raise UsageError(f"--seed must lie in [0, 2**63), got {seed}")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}", fix=f"choose one of {', '.join(SAMPLERS)}")
-    if eta is not None and not 0.0 <= eta <= 1.0:
-        raise UsageError(f"--eta must lie in [0, 1], got {eta}")
-    if backend not in (*BACKENDS, "tensorrt"):
-        raise UsageError(f"unknown backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
-    if not re.fullmatch(DEVICE_PATTERN, device):
-        raise UsageError(f"unknown --device {device!r}", fix="use auto, cpu, cuda or cuda:N")
+    """`UsageError` for option values that cannot work, before any file is opened (`options`)."""
+    from .options import check_sampling_options
+    check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
+                           backend=backend, device=device)
 
 
 @app.command()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from diffseg_engine.atomic import atomic_write
-from diffseg_engine.backends.base import STEP_INPUTS, STEP_OUTPUT
+from diffseg_engine.step_graph import STEP_INPUTS, STEP_OUTPUT
 from diffseg_engine.card import CARD_KEY, ModelCard
 from diffseg_engine.errors import ModelFileError
 from diffseg_engine.onnx_file import DIGEST_KEY, content_digest

@@ -1,9 +1,9 @@
 """The one small interface every runtime implements: a whole denoising step for a batch.
 
-Owns: `StepBackend` (load, allocate, infer), `STEP_INPUTS` (names and shapes of the step graph),
-`open_backend` (name -> backend), `read_card` (a model file's card without loading the model) and
+Owns: `StepBackend` (load, allocate, infer) -- the names and shapes of the step graph it runs are
+`step_graph.STEP_INPUTS` --, `open_backend` (name -> backend), `read_card` (a model file's card without loading the model) and
 `batch_memory_error` (a runtime's out-of-memory failure -> `BatchMemoryError`, which the sampler answers by
-halving the chunk). Imports: numpy, `card`, `errors`, `weights`, `onnx_file`; implementations import their
+halving the chunk). Imports: numpy, `card`, `errors`, `step_graph`, `weights`, `onnx_file`; implementations import their
 runtime lazily, so choosing one never loads another.
 """
 from __future__ import annotations
@@ -16,16 +16,8 @@ import numpy as np
 
 from ..card import CARD_KEY, ModelCard
 from ..errors import BackendError, BatchMemoryError, ModelFileError, UsageError
+from ..step_graph import STEP_INPUTS, STEP_OUTPUT  # noqa: F401 - re-exported for older imports
 
-#: Inputs of the step graph, in order: name -> shape (B = batch, C = modalities, H = W = image size).
-STEP_INPUTS = {
-    "image": "[B, C, H, W] float32",
-    "x_t": "[B, 1, H, W] float32",
-    "timestep": "[B] float32",
-    "coef": "[B, 8] float32 (schedule.COEF_NAMES)",
-    "noise": "[B, 1, H, W] float32",
-}
-STEP_OUTPUT = "x_prev"
 
 BACKENDS = ("onnxruntime", "torch")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"

@@ -16,7 +16,8 @@ import numpy as np
 from ..card import CARD_KEY, ModelCard
 from ..errors import BackendError, ModelFileError
 from ..onnx_file import inspect_onnx
-from .base import STEP_INPUTS, STEP_OUTPUT, StepBackend, batch_memory_error
+from ..step_graph import STEP_INPUTS, STEP_OUTPUT
+from .base import StepBackend, batch_memory_error
 
 
 def read_onnx_card(path: str | Path) -> ModelCard:
