@@ -108,8 +108,13 @@ def export(
     modalities: str = typer.Option("t1,t1ce,t2,flair", help="For .pt checkpoints: the image channels, in order."),
     num_heads: int = typer.Option(1, help="For .pt checkpoints: attention heads (not stored in the weights; "
                                           "the paper's README uses 1)."),
+    triton_repo: Optional[Path] = typer.Option(None, "--triton-repo", help="Also write a Triton Inference Server "
+                                               "model repository for the step graph here (MODEL may then be .onnx)."),
 ) -> None:
     """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside."""
+    if triton_repo is not None and model.suffix == ".onnx":  # an existing export: no torch needed
+        _write_triton(model, triton_repo)
+        return
     _need_torch("export")
     from .export.onnx_export import check_parity, export_onnx
     from .errors import ModelFileError
@@ -130,6 +135,15 @@ def export(
         if err > 1e-4:
             raise ModelFileError(f"ONNX output differs from torch by {err:.2e} (> 1e-4)", path=target)
         typer.echo(f"parity: max |onnxruntime - torch| = {err:.2e}")
+    if triton_repo is not None:
+        _write_triton(target, triton_repo)
+
+
+def _write_triton(onnx_path: Path, repo: Path) -> None:
+    from .export.triton import write_triton_repository
+    plan = onnx_path.with_suffix(".plan")  # a TensorRT engine built beside the ONNX file, if any
+    for kind, folder in write_triton_repository(onnx_path, repo, plan=plan if plan.is_file() else None).items():
+        typer.echo(f"wrote Triton model {folder} ({kind})")
 
 
 @app.command()

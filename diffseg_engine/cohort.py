@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from .atomic import atomic_write
 from .backends.base import StepBackend
-from .cases import classify_file, discover_cases, find_case
+from .cases import classify_file, find_case
 from .errors import (DatasetError, DiffsegError, MissingModalityError, OutputBusyError, OutputError,
                      UsageError)
 from .progress import ProgressBar
@@ -160,11 +160,19 @@ def _from_list(path: Path) -> list[CohortEntry]:
 def _from_folder(root: Path) -> list[CohortEntry]:
     from .segment import case_id_of
     try:
-        cases = discover_cases(root)
+        flat = bool(find_case(root).modalities)
     except MissingModalityError:  # the root holds several cases' files side by side
-        cases = []
-    if cases and cases[0].folder != root:
-        return [CohortEntry(c.case_id, inputs=(c.folder,)) for c in cases]
+        flat = True
+    if not flat:
+        entries = []
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                if not find_case(sub).modalities:
+                    continue  # not a case folder
+            except MissingModalityError:
+                pass  # a case with two files for one modality: listed, and reported as failed when run
+            entries.append(CohortEntry(case_id_of(sub), inputs=(sub,)))
+        return entries
     groups: dict[str, dict[str, Path]] = {}
     singles: list[Path] = []
     for f in sorted(root.iterdir()):
