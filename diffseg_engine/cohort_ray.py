@@ -11,6 +11,7 @@ in the driver (a torch backend imports it on the workers only).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from pathlib import Path
@@ -113,7 +114,7 @@ def run_cohort_ray(entries: Sequence[CohortEntry], model: str | Path, out_dir: s
     started = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=not quiet,
-                 logging_level="ERROR" if quiet else "INFO", **(init_kwargs or {}))
+                 logging_level=logging.ERROR if quiet else logging.INFO, **(init_kwargs or {}))
         started = True
     try:
         res = ray.cluster_resources()
@@ -137,7 +138,12 @@ def run_cohort_ray(entries: Sequence[CohortEntry], model: str | Path, out_dir: s
         def retry(entry: CohortEntry, attempt: int, exc: BaseException) -> None:
             if not quiet:
                 print(f"{entry.case_id}: {type(exc).__name__} on Ray, retrying ({attempt}/{retries})", flush=True)
-        statuses = schedule(actors, entries, retries=retries, on_done=done, on_retry=retry)
+        # workers may run elsewhere (another node, another working directory): absolute paths only
+        entries_abs = [CohortEntry(e.case_id, tuple(Path(p).absolute() for p in e.inputs),
+                                   tuple(a.split("=", 1)[0] + "=" + str(Path(a.split("=", 1)[1]).absolute())
+                                         for a in e.modality_args)) for e in entries]
+        statuses = schedule(actors, entries_abs, retries=retries, on_done=done, on_retry=retry)
+        statuses = [CaseStatus(**{**st.to_dict(), "source": e.source}) for st, e in zip(statuses, entries)]
         for a in actors:
             ray.kill(a)
     finally:
