@@ -312,6 +312,8 @@ def export(
     max_batch: int = typer.Option(512, "--max-batch", help="--engine tensorrt: the largest batch of the plan's "
                                                            "optimization profile."),
     rebuild: bool = typer.Option(False, "--rebuild", help="--engine tensorrt: build the plan even if cached."),
+    triton_repo: Optional[Path] = typer.Option(None, "--triton-repo", help="Also write a Triton Inference Server "
+                                               "model repository for the step graph here (MODEL may then be .onnx)."),
 ) -> None:
     """Export the denoising step (U-Net + fused update) to ONNX, with the model card inside (and a TensorRT plan).
 
@@ -323,6 +325,9 @@ def export(
     from .errors import ModelFileError, UsageError
     from .step_graph import PRECISIONS
     engine, precision = _value(engine), _value(precision)
+    if triton_repo is not None and model.suffix == ".onnx" and engine == "onnx":  # an existing export: no torch
+        _write_triton(model, triton_repo)
+        return
     if engine not in ("onnx", "tensorrt"):
         raise UsageError(f"unknown --engine {engine!r}", fix="choose onnx or tensorrt")
     if precision is not None and precision not in PRECISIONS:
@@ -378,6 +383,15 @@ def export(
             shutil.copyfile(plan, out)
             shutil.copyfile(sidecar_path(plan), sidecar_path(out))
             typer.echo(f"copied to {out} (+ {sidecar_path(out).name})")
+    if triton_repo is not None:
+        _write_triton(target, triton_repo)
+
+
+def _write_triton(onnx_path: Path, repo: Path) -> None:
+    from .export.triton import write_triton_repository
+    plan = onnx_path.with_suffix(".plan")  # a TensorRT engine built beside the ONNX file, if any
+    for kind, folder in write_triton_repository(onnx_path, repo, plan=plan if plan.is_file() else None).items():
+        typer.echo(f"wrote Triton model {folder} ({kind})")
 
 
 _INPUT_NOTE = ("The default model needs one FLAIR volume, skull-stripped and co-registered as BraTS preprocessing "
@@ -397,7 +411,8 @@ def segment(
     inputs: List[Path] = typer.Argument(None, show_default=False,
                                         help="A case folder (CASE_flair.nii.gz, CASE_t1.nii.gz, ...), a 3D NIfTI "
                                              "(for a single-modality model such as the default) or a 4D NIfTI with "
-                                             "the modalities on the last axis."),
+                                             "the modalities on the last axis; or a cohort: a folder of case "
+                                             "folders, or a text file listing cases."),
     modality: List[str] = typer.Option([], "--modality", "-m", show_default=False,
                                        help="NAME=PATH, repeated, to name each file: flair=..., t1=..., t1ce=..., "
                                             "t2=..."),
@@ -430,6 +445,11 @@ def segment(
                                                        "not the model's modality): a warning instead of a refusal, "
                                                        "recorded in the provenance."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
+    num_parts: int = typer.Option(1, "--num-parts", help="Cohorts: split the cases into K parts (job arrays)."),
+    part_id: int = typer.Option(0, "--part-id", help="Cohorts: segment part I (0..K-1) only."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS",
+                                      help="Cohorts: run on Ray. local (a Ray instance on this machine), auto (the "
+                                           "cluster started here with `ray start`) or ray://HOST:10001."),
 ) -> None:
     from .backends.base import read_card
     _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
@@ -440,6 +460,16 @@ def segment(
     model_path = model or default_model()
     card = read_card(model_path)  # the card only: no session, no weights yet
     plan = chosen_plan(card, _value(sampler), steps, eta)
+    from .cohort import is_cohort_source
+    if len(inputs or []) == 1 and not modality and is_cohort_source(inputs[0]):
+        _segment_cohort(inputs[0], out, model_path, plan, n=n, seed=seed, batch_size=batch_size,
+                        save_samples=save_samples, overwrite=overwrite, quiet=quiet, backend=backend.value,
+                        device=device, num_parts=num_parts, part_id=part_id, ray=ray)
+        return
+    if num_parts != 1 or part_id != 0 or ray is not None:
+        from .errors import UsageError
+        raise UsageError("--num-parts, --part-id and --ray split a cohort; this input is one case",
+                         fix="give a folder of case folders or a text file listing cases")
     case = resolve_case(list(inputs or []), modality, card, force=force)
     check_output(out, case, overwrite=overwrite)
     eng = open_model(model_path, backend.value, device, threads=threads)
@@ -456,27 +486,35 @@ def segment(
                    f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
 
 
+def _segment_cohort(source: Path, out: Path, model_path: Path, plan, *, n: int, seed: int, batch_size: int,
+                    save_samples: bool, overwrite: bool, quiet: bool, backend: str, device: str, num_parts: int,
+                    part_id: int, ray: Optional[str]) -> None:
+    from .cohort import RunSettings, segment_cohort
+    from .errors import CasesFailedError
+    settings = RunSettings(n=n, plan=plan, seed=seed, batch_size=batch_size, save_samples=save_samples,
+                           overwrite=overwrite)
+    res = segment_cohort(source, out, model_path, settings, backend=backend, device=device, num_parts=num_parts,
+                         part_id=part_id, use_ray=ray is not None, ray_address=ray,
+                         quiet=quiet, command=" ".join(sys.argv))
+    counts = res.counts()
+    typer.echo(f"{counts['done']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
+               f"summary: {res.summary['md']}")
+    if res.failed:
+        raise CasesFailedError(f"{len(res.failed)} of {len(res.statuses)} cases failed "
+                               f"({', '.join(s.case_id for s in res.failed[:5])}{', ...' if len(res.failed) > 5 else ''})",
+                               path=res.summary["csv"], fix="read each case's message there, fix it and rerun the "
+                                                            "same command (finished cases are skipped)")
+
+
 def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_size: int, eta: Optional[float],
                             device: str, threads: int = 0) -> None:
-    """`UsageError` for option values that cannot work, before any file is opened (choices are enums)."""
-    import re
-
-    from .backends.base import DEVICE_PATTERN
+    """`UsageError` for option values that cannot work, before any file is opened (the checks live in
+    `options`, shared with the Python API; choices are enums here)."""
     from .errors import UsageError
-    if n < 1:
-        raise UsageError(f"--n must be at least 1, got {n}")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}")
-    if batch_size < 0:
-        raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {batch_size}")
+    from .options import check_sampling_options
     if threads < 0:
         raise UsageError(f"--threads must be at least 1 (or 0 for automatic), got {threads}")
-    if not 0 <= seed < 2**63:
-        raise UsageError(f"--seed must lie in [0, 2**63), got {seed}")
-    if eta is not None and not 0.0 <= eta <= 1.0:
-        raise UsageError(f"--eta must lie in [0, 1], got {eta}")
-    if not re.fullmatch(DEVICE_PATTERN, device):
-        raise UsageError(f"unknown --device {device!r}", fix="use auto, cpu, cuda or cuda:N")
+    check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device)
 
 
 @app.command()

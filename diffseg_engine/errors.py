@@ -89,6 +89,10 @@ class BatchMemoryError(ResourceError):
     reaches the user (as a `ResourceError`) only at batch size 1."""
 
 
+class CasesFailedError(DiffsegError):
+    """A cohort run finished, but some of its cases failed (each named in the cohort summary)."""
+
+
 #: One table: error kind -> process exit code. 1 is left to unexpected crashes, 2 to the CLI parser.
 EXIT_CODES: dict[type[DiffsegError], int] = {
     DiffsegError: 3,
@@ -102,6 +106,7 @@ EXIT_CODES: dict[type[DiffsegError], int] = {
     ResourceError: 16,
     BatchMemoryError: 16,
     OutputBusyError: 17,
+    CasesFailedError: 18,
 }
 
 

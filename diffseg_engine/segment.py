@@ -69,6 +69,12 @@ def default_model() -> Path:
                      fix="pass --model PATH (a .onnx or .safetensors file written by diffseg-engine)")
 
 
+def case_id_of(path: Path) -> str:
+    """The case id `segment` gives a case folder (its name) or a file (`_case_id_from_file`)."""
+    path = Path(path)
+    return path.resolve().name if path.is_dir() else _case_id_from_file(path)
+
+
 def _case_id_from_file(path: Path) -> str:
     """`BraTS18_X_flair.nii.gz` -> `BraTS18_X`; a name without a modality token stays whole."""
     stem = path.name
@@ -324,17 +330,75 @@ def _remove_empty(folders: list[Path]) -> None:
             break
 
 
+def run_identity(case_id: str, card: ModelCard, backend_name: str, plan: SamplingPlan, n: int, seed: int,
+                 save_samples: bool, input_sha: dict[str, str], model_sha: str | None) -> dict:
+    """What makes two runs of a case "the same run" (the one definition): engine version, case, the inputs'
+    and the model's sha256, the model card, the backend, sampler/steps/eta, n, seed and whether member masks
+    are kept. A resumed run must match it (with the slices, `_fingerprint`); a finished one that matches it
+    is skipped by a cohort run (`finished_run`). Recorded in the provenance JSON as ``run``."""
+    return {
+        "format": 1, "engine": __version__, "case_id": case_id, "inputs_sha256": dict(input_sha),
+        "model_sha256": model_sha, "card_sha256": hashlib.sha256(card.to_json().encode()).hexdigest(),
+        "backend": backend_name, **plan.describe(), "n": int(n), "seed": int(seed),
+        "save_samples": bool(save_samples),
+    }
+
+
 def _fingerprint(case: CaseInput, backend: StepBackend, plan: SamplingPlan, n: int, seed: int,
                  save_samples: bool, input_sha: dict[str, str], model_sha: str | None) -> dict:
     """Everything that decides the maps: a resumed run must match it exactly."""
     prepared = case.prepared
     return {
-        "format": 1, "engine": __version__, "case_id": case.case_id, "inputs_sha256": input_sha,
-        "model_sha256": model_sha, "card_sha256": hashlib.sha256(backend.card.to_json().encode()).hexdigest(),
-        "backend": backend.name, **plan.describe(), "n": n, "seed": seed, "slices": int(len(prepared.inputs)),
+        **run_identity(case.case_id, backend.card, backend.name, plan, n, seed, save_samples, input_sha, model_sha),
+        "slices": int(len(prepared.inputs)),
         "slice_index_sha256": hashlib.sha256(np.asarray(prepared.slice_index, np.int64).tobytes()).hexdigest(),
-        "save_samples": bool(save_samples),
     }
+
+
+def model_sha256(backend: StepBackend) -> str | None:
+    """The sha256 of the model file a backend was opened from (None where it has no file)."""
+    model_path = getattr(backend, "path", None)
+    return _sha256(model_path) if model_path is not None and Path(model_path).is_file() else None
+
+
+def finished_run(out_dir: str | Path, case_id: str, card: ModelCard, backend_name: str, plan: SamplingPlan, n: int,
+                 seed: int, save_samples: bool, model_sha: str | None) -> dict | None:
+    """The provenance of a finished run of `case_id` in `out_dir` that is the same run (`run_identity`) as the
+    one these parameters would start, its inputs (the files it recorded) unchanged; else None. Reads no image:
+    only the provenance JSON and the sha256 of the recorded input files."""
+    path = output_paths(Path(out_dir), case_id)["provenance"]
+    try:
+        prov = json.loads(path.read_text())
+        inputs = {m: Path(p) for m, p in prov["inputs"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if prov.get("complete") is not True or not all(p.is_file() for p in inputs.values()):
+        return None
+    maps = output_paths(Path(out_dir), case_id)
+    if not all(maps[k].is_file() for k in ("mean", "variance", "mask")):
+        return None
+    want = run_identity(case_id, card, backend_name, plan, n, seed, save_samples,
+                        {m: _sha256(p) for m, p in inputs.items()}, model_sha)
+    return prov if prov.get("run") == json.loads(json.dumps(want)) else None
+
+
+def lesion_summary(mask: np.ndarray, variance: np.ndarray, zooms: Sequence[float],
+                   uncertain_threshold: float = 0.05) -> dict:
+    """What a reviewer reads first about one case: the predicted lesion's size and how sure the ensemble was.
+
+    mask, variance: [X, Y, Z] on the input grid; zooms: voxel size in mm. Returns lesion_voxels,
+    lesion_ml (voxels x voxel volume / 1000), mean_variance_in_lesion (None for an empty mask),
+    max_variance, and uncertain_ml: the volume where variance > `uncertain_threshold` (members disagree),
+    inside the lesion or not."""
+    voxel_ml = float(np.prod(np.asarray(zooms, np.float64)[:3])) / 1000.0
+    lesion = np.asarray(mask) > 0
+    v = np.asarray(variance, np.float64)
+    k = int(lesion.sum())
+    return {"lesion_voxels": k, "lesion_ml": round(k * voxel_ml, 4),
+            "mean_variance_in_lesion": float(v[lesion].mean()) if k else None,
+            "max_variance": float(v.max()) if v.size else 0.0,
+            "uncertain_ml": round(int((v > uncertain_threshold).sum()) * voxel_ml, 4),
+            "uncertain_threshold": uncertain_threshold}
 
 
 def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int = 5, plan: SamplingPlan,
@@ -391,8 +455,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     prepared = case.prepared
     timings: dict[str, float] = {"preprocess_s": case.prepare_s}
     input_sha = {m: _sha256(Path(p)) for m, p in case.sources.items()}
-    model_path = getattr(backend, "path", None)
-    model_sha = _sha256(model_path) if model_path is not None and Path(model_path).is_file() else None
+    model_sha = model_sha256(backend)
     fingerprint = _fingerprint(case, backend, plan, n, seed, save_samples, input_sha, model_sha)
     S = len(prepared.inputs)
     items = S * n
@@ -488,6 +551,8 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
         "sampling": {**plan.describe(), "n": n, "seed": seed, "batch_size": bs, "batch_size_final": saved["bs"],
                      "resumed_from_item": start, "slices": S, "work_items": items},
         "backend": backend.describe(), "versions": _versions(), "timings": timings,
+        "run": run_identity(case.case_id, card, backend.name, plan, n, seed, save_samples, input_sha, model_sha),
+        "lesion": lesion_summary(mask, variance, case.reference.image.header.get_zooms()[:3]),
         "outputs": {k: str(v.name) for k, v in paths.items() if k != "provenance"}, "command": command,
         "definitions": {"mean": "mean over members of clip((x0-low)/(high-low), 0, 1)",
                         "variance": "population variance over members of the same", "mask": "mean > 0.5",

@@ -1,6 +1,7 @@
 """The one small interface every runtime implements: a whole denoising step for a batch.
 
-Owns: `StepBackend` (load, allocate, infer), `open_backend` (name -> backend), `read_card` (a model file's card without loading the model) and
+Owns: `StepBackend` (load, allocate, infer) -- the names and shapes of the step graph it runs are
+`step_graph.STEP_INPUTS` --, `open_backend` (name -> backend), `read_card` (a model file's card without loading the model) and
 `batch_memory_error` (a runtime's out-of-memory failure -> `BatchMemoryError`, which the sampler answers by
 halving the chunk). Imports: numpy, `card`, `errors`, `step_graph`, `weights`, `onnx_file`; implementations import their
 runtime lazily, so choosing one never loads another.
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..card import CARD_KEY, ModelCard
-from ..errors import BatchMemoryError, ModelFileError, UsageError
+from ..errors import BackendError, BatchMemoryError, ModelFileError, UsageError
 from ..step_graph import STEP_INPUTS, STEP_OUTPUT  # noqa: F401 - re-exported for older call sites
 
 

@@ -1,0 +1,192 @@
+"""The Python API: what a researcher calls from a notebook.
+
+Owns: `Segmenter` (a model loaded once, sampling settings fixed; maps a volume -- arrays with an affine, or a
+nibabel image -- to mean, variance and mask arrays on the input grid, writing no file), `Segmentation` (those
+maps and the lesion numbers), and `segment_paths` (files in, files out: one case or a cohort, as the
+``segment`` command). The maps are exactly those `segment` writes for the same case id, seed and settings.
+Imports: numpy, the runtime modules (`segment`, `cohort`, `sampler`, `preprocess`, `noise`, `options`).
+Never torch (unless backend="torch" is asked for), never the CLI.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputImageError, MissingModalityError, UsageError
+from .noise import NoiseStreams
+from .options import check_sampling_options
+from .preprocess import prepare_case, restore
+from .sampler import chosen_plan, sample_ensemble
+
+
+@dataclass
+class Segmentation:
+    """One case's ensemble maps on the input grid [X, Y, Z]."""
+
+    case_id: str
+    mean: np.ndarray  # float32 in [0, 1]: mean over members of each member's mask
+    variance: np.ndarray  # float32 in [0, 0.25]: population variance over members
+    mask: np.ndarray  # uint8 {0, 1}: mean > 0.5
+    affine: np.ndarray  # [4, 4] voxel -> world, the input's
+    lesion: dict  # `segment.lesion_summary`: lesion_ml, mean_variance_in_lesion, uncertain_ml, ...
+    settings: dict  # sampler, steps, eta, n, seed, backend, device
+
+    def to_nifti(self) -> dict[str, Any]:
+        """The three maps as nibabel images on the input's affine (nothing is written)."""
+        import nibabel as nib
+        return {k: nib.Nifti1Image(getattr(self, k), self.affine) for k in ("mean", "variance", "mask")}
+
+
+def _zooms(affine: np.ndarray) -> tuple[float, float, float]:
+    a = np.asarray(affine, np.float64)
+    return tuple(float(z) for z in np.linalg.norm(a[:3, :3], axis=0))
+
+
+class Segmenter:
+    """A model loaded once, with fixed sampling settings::
+
+        seg = Segmenter(n=5)                      # the shipped default model; or Segmenter("model.onnx")
+        out = seg(nib.load("flair.nii.gz"))       # or seg(array, affine)
+        out.mean, out.variance, out.mask          # numpy arrays on the input grid
+
+    model: a .onnx or .safetensors file (None: the shipped default). sampler, steps, eta: None takes the
+    model card's. n: members per slice. seed and the case id decide the noise: same seed, same maps.
+    """
+
+    def __init__(self, model: str | Path | None = None, *, n: int = 5, sampler: str | None = None,
+                 steps: int | None = None, eta: float | None = None, seed: int = 0, batch_size: int = 0,
+                 backend: str = "onnxruntime", device: str = "auto"):
+        from .segment import default_model, open_model
+        check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
+                               backend=backend, device=device)
+        self.model = Path(model) if model is not None else default_model()
+        self.engine = open_model(self.model, backend, device)
+        self.card = self.engine.card
+        self.plan = chosen_plan(self.card, sampler, steps, eta)
+        self.n, self.seed, self.batch_size = int(n), int(seed), int(batch_size)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The images the model takes, in order (e.g. ("flair",))."""
+        return tuple(self.card.modalities)
+
+    def __call__(self, image: Any, affine: np.ndarray | None = None, **kw) -> Segmentation:
+        return self.segment(image, affine, **kw)
+
+    def segment(self, image: Any, affine: np.ndarray | None = None, *, case_id: str = "case",
+                n: int | None = None, seed: int | None = None) -> Segmentation:
+        """Segment one volume in memory; no file is read or written.
+
+        image: a nibabel image (3D; or 4D with the modalities on the last axis in `modalities` order), a numpy
+        array [X, Y, Z] (single-modality models) or [X, Y, Z, C], a sequence of [X, Y, Z] arrays or images in
+        `modalities` order, or a mapping modality -> array or image. affine: [4, 4], needed for arrays (taken
+        from the image otherwise). case_id and seed pick the noise streams (`segment` uses the case folder's
+        name or the file's case id: pass the same to get its maps exactly).
+        """
+        n = self.n if n is None else n
+        seed = self.seed if seed is None else seed
+        check_sampling_options(n=n, seed=seed, batch_size=self.batch_size)
+        vols, affine = self._volumes(image, affine)
+        prepared = prepare_case(vols, affine, self.card.preprocessing)
+        S = len(prepared.inputs)
+        from .segment import default_batch_size, lesion_summary
+        bs = self.batch_size or default_batch_size(self.card, S * n, self.engine.device)
+        self.engine.allocate(bs)
+        stats = sample_ensemble(self.engine.infer, prepared.inputs, members=n, plan=self.plan,
+                                streams=NoiseStreams(seed, case_id), slice_ids=prepared.slice_index,
+                                card=self.card, batch_size=bs)
+        mean = restore(prepared, stats.mean).astype(np.float32)
+        variance = restore(prepared, stats.variance).astype(np.float32)
+        mask = (mean > 0.5).astype(np.uint8)
+        return Segmentation(case_id, mean, variance, mask, np.asarray(affine, np.float64),
+                            lesion_summary(mask, variance, _zooms(affine)),
+                            {**self.plan.describe(), "n": n, "seed": seed, **self.engine.describe()})
+
+    def _volumes(self, image: Any, affine: np.ndarray | None) -> tuple[list[np.ndarray], np.ndarray]:
+        need = self.modalities
+        if isinstance(image, Mapping):
+            from .cases import canonical_modality
+            given = {canonical_modality(k): v for k, v in image.items()}
+            missing = [m for m in need if m not in given]
+            if missing:
+                raise MissingModalityError(f"the model needs {list(need)}; missing {', '.join(missing)}",
+                                           fix=f"pass a mapping with the keys {', '.join(need)}")
+            image = [given[m] for m in need]
+        if isinstance(image, (list, tuple)):
+            parts = [self._array(im, affine) for im in image]
+            if len(parts) != len(need):
+                raise MissingModalityError(f"got {len(parts)} volumes; the model needs {len(need)} ({', '.join(need)})")
+            affine = parts[0][1]
+            vols = [p[0] for p in parts]
+        else:
+            arr, affine = self._array(image, affine)
+            if arr.ndim == 4:
+                if arr.shape[-1] != len(need):
+                    raise MissingModalityError(f"4D volume has {arr.shape[-1]} channels on its last axis; the "
+                                               f"model needs {len(need)} ({', '.join(need)}, in that order)")
+                vols = [np.ascontiguousarray(arr[..., c]) for c in range(arr.shape[-1])]
+            elif len(need) == 1:
+                vols = [arr]
+            else:
+                raise MissingModalityError(f"one 3D volume cannot feed a model of {len(need)} modalities "
+                                           f"({', '.join(need)})", fix="pass a 4D array, a list or a mapping")
+        shapes = {v.shape for v in vols}
+        if len(shapes) != 1 or len(next(iter(shapes))) not in (2, 3):
+            raise InputImageError(f"the volumes must be 3D and of one shape, got {[v.shape for v in vols]}")
+        return vols, affine
+
+    @staticmethod
+    def _array(image: Any, affine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if hasattr(image, "affine") and hasattr(image, "dataobj"):  # a nibabel image
+            return np.asarray(image.dataobj, np.float32), np.asarray(image.affine, np.float64)
+        if affine is None:
+            raise UsageError("a numpy volume needs its affine (voxel -> world, 4x4)",
+                             fix="call seg(array, affine), e.g. the affine of the NIfTI it came from")
+        a = np.asarray(affine, np.float64)
+        if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+            raise InputImageError(f"the affine must be a finite, invertible 4x4 matrix, got shape {a.shape}")
+        return np.asarray(image, np.float32), a
+
+    def segment_files(self, inputs: str | Path | Sequence[str | Path], out_dir: str | Path, *,
+                      modality: Sequence[str] = (), overwrite: bool = False, save_samples: bool = False,
+                      overview: bool = True, quiet: bool = True):
+        """One case from files to files, as the ``segment`` command (lock, resume, atomic outputs, provenance):
+        returns `segment.SegmentResult`."""
+        from .segment import check_output, resolve_case, segment_case
+        inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+        case = resolve_case([Path(p) for p in inputs], list(modality), self.card)
+        check_output(out_dir, case, overwrite=overwrite)
+        return segment_case(case, self.engine, Path(out_dir), n=self.n, plan=self.plan, seed=self.seed,
+                            batch_size=self.batch_size, overwrite=overwrite, quiet=quiet,
+                            save_samples=save_samples, overview=overview, command="diffseg_engine.api")
+
+    def segment_cohort(self, source: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                       save_samples: bool = False, overview: bool = True, num_parts: int = 1, part_id: int = 0,
+                       quiet: bool = True):
+        """A folder of cases or a list file into `out_dir` with this loaded model, as ``segment INPUT_DIR``
+        (skips finished cases, records failures, writes the summary): returns `cohort.CohortResult`."""
+        from .cohort import RunSettings, check_cohort_output, list_cohort, run_cohort, select_part
+        cohort = list_cohort(source)
+        check_cohort_output(out_dir, cohort)
+        settings = RunSettings(n=self.n, plan=self.plan, seed=self.seed, batch_size=self.batch_size,
+                               save_samples=save_samples, overview=overview, overwrite=overwrite)
+        return run_cohort(select_part(cohort, num_parts, part_id), self.engine, out_dir, settings, cohort=cohort,
+                          quiet=quiet, command="diffseg_engine.api")
+
+
+def segment_paths(inputs: str | Path | Sequence[str | Path], out_dir: str | Path, model: str | Path | None = None,
+                  **options: Any):
+    """Files in, files out, in one call: a cohort (a folder of cases or a list file) gives a
+    `cohort.CohortResult`, one case (a case folder, a 3D or 4D file) a `segment.SegmentResult`. options:
+    those of `Segmenter` (n, sampler, steps, eta, seed, batch_size, backend, device) and of its
+    `segment_files` / `segment_cohort` (overwrite, save_samples, overview, ...)."""
+    from .cohort import is_cohort_source
+    keys = ("n", "sampler", "steps", "eta", "seed", "batch_size", "backend", "device")
+    seg = Segmenter(model, **{k: options.pop(k) for k in keys if k in options})
+    single = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if len(single) == 1 and not options.get("modality") and is_cohort_source(single[0]):
+        return seg.segment_cohort(single[0], out_dir, **options)
+    return seg.segment_files(single, out_dir, **options)

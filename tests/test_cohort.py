@@ -1,0 +1,366 @@
+"""Cohorts: many cases in one `segment` command, job-array parts, Ray, and the Python API.
+
+Real BraTS cases (../shared/data) with a random tiny model on a 16x16 grid (as tests/test_engine.py), N=2,
+2 DDPM steps: the files, statuses and summaries are what is under test, not the model's quality.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from diffseg_engine.card import Preprocessing  # noqa: E402
+from diffseg_engine.cli import app  # noqa: E402
+from diffseg_engine.cohort import (SUMMARY_NAMES, CohortEntry, RunSettings, is_cohort_source,  # noqa: E402
+                                   list_cohort, segment_cohort, select_part)
+from diffseg_engine.errors import DatasetError, InputImageError, MissingModalityError, UsageError  # noqa: E402
+from diffseg_engine.sampler import chosen_plan  # noqa: E402
+
+SMALL_PREP = Preprocessing(crop_size=224, downsample=14)  # 16x16 network grid
+MAPS = ("mean", "variance", "mask")
+GOOD = ("BraTS18_CBICA_AOO", "BRATS2013_pat0003")
+#: One batch size everywhere: the maps agree to 1e-6 across batch sizes, and byte for byte at the same one.
+BATCH = 64
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A random tiny FLAIR model (every parameter perturbed) on a 16x16 grid, as ONNX."""
+    from diffseg_engine.export.onnx_export import export_onnx
+    from diffseg_engine.train.presets import build_card, get_preset
+    from diffseg_engine.train.unet import UNetModel
+    from diffseg_engine.weights import save_weights
+    tmp = tmp_path_factory.mktemp("cohort_model")
+    card = build_card(get_preset("tiny"), ("flair",), name="test-cohort").replace(preprocessing=SMALL_PREP)
+    torch.manual_seed(3)
+    net = UNetModel(card.architecture)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    weights = tmp / "cohort.safetensors"
+    save_weights(weights, {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}, card)
+    return export_onnx(weights, tmp / "cohort.onnx")
+
+
+def _cohort(shared_data: Path, root: Path, ids=GOOD) -> Path:
+    """A folder of case folders (symlinks to real cases)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for cid in ids:
+        (root / cid).symlink_to(shared_data / "train" / cid, target_is_directory=True)
+    return root
+
+
+def _settings(model: Path, n: int = 2, steps: int = 2, seed: int = 0) -> RunSettings:
+    from diffseg_engine.backends.base import read_card
+    return RunSettings(n=n, plan=chosen_plan(read_card(model), "ddpm", steps), seed=seed, batch_size=BATCH,
+                       overview=False)
+
+
+def _cli(*args) -> tuple[int, str]:
+    res = runner.invoke(app, ["segment", *[str(a) for a in args]])
+    try:
+        err = res.stderr
+    except ValueError:
+        err = res.output
+    return res.exit_code, (res.output + (err or "")).strip()
+
+
+def _no_overview(monkeypatch) -> None:
+    import diffseg_engine.overview
+    # the overview picture is not under test here, and drawing it would dominate the time
+    monkeypatch.setattr(diffseg_engine.overview, "write_overview", lambda *a, **k: None)
+
+
+def _summary(out: Path) -> list[dict]:
+    with open(out / SUMMARY_NAMES["csv"]) as f:
+        return list(csv.DictReader(f))
+
+
+def _bytes(out: Path, ids) -> dict[str, bytes]:
+    return {f"{cid}_{k}": (out / f"{cid}_{k}.nii.gz").read_bytes() for cid in ids for k in MAPS}
+
+
+@pytest.fixture(scope="module")
+def reference_run(shared_data, model, tmp_path_factory):
+    """The single-process run of the two good cases (the library call behind `segment INPUT_DIR`)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    src = _cohort(shared_data, tmp / "cohort")
+    out = tmp / "out"
+    res = segment_cohort(src, out, model, _settings(model), quiet=True)
+    assert [s.status for s in res.statuses] == ["done", "done"]
+    return src, out
+
+
+# --------------------------------------------------------------------------------------------- listing
+def test_list_cohort_layouts_parts_and_refusals(shared_data, tmp_path):
+    train = shared_data / "train"
+    every = list_cohort(train)
+    ids = [e.case_id for e in every]
+    assert ids == sorted(p.name for p in train.iterdir() if p.is_dir()) and len(ids) == 12
+    assert all(e.inputs == (train / e.case_id,) for e in every)
+    assert is_cohort_source(train) and not is_cohort_source(train / "BraTS18_CBICA_AOO")
+    assert not is_cohort_source(train / "BraTS18_CBICA_AOO" / "BraTS18_CBICA_AOO_flair.nii.gz")
+    # a list file: comments, blank lines, a folder relative to the list, an image file by absolute path
+    lst = tmp_path / "cases.txt"
+    flair = train / "BraTS18_CBICA_ASK" / "BraTS18_CBICA_ASK_flair.nii.gz"
+    (tmp_path / "data").symlink_to(train, target_is_directory=True)
+    lst.write_text(f"# my cohort\ndata/BraTS18_CBICA_AOO\n\n{flair}   # one file\n")
+    assert is_cohort_source(lst)
+    listed = list_cohort(lst)
+    assert [(e.case_id, e.inputs) for e in listed] == [("BraTS18_CBICA_AOO", (tmp_path / "data/BraTS18_CBICA_AOO",)),
+                                                      ("BraTS18_CBICA_ASK", (flair,))]
+    # a flat folder of several cases' files: grouped by case id, one --modality pair each
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for cid in ("BraTS18_CBICA_AOO", "BraTS18_CBICA_ARW"):
+        for m in ("flair", "t1"):
+            (flat / f"{cid}_{m}.nii.gz").symlink_to(train / cid / f"{cid}_{m}.nii.gz")
+    assert is_cohort_source(flat)
+    assert [(e.case_id, e.modality_args) for e in list_cohort(flat)] == [
+        (cid, (f"flair={flat}/{cid}_flair.nii.gz", f"t1={flat}/{cid}_t1.nii.gz"))
+        for cid in ("BraTS18_CBICA_AOO", "BraTS18_CBICA_ARW")]
+    # refusals: two cases with one id, a missing listed path, nothing to segment
+    lst.write_text("data/BraTS18_CBICA_AOO\ndata/BraTS18_CBICA_AOO/\n")
+    with pytest.raises(DatasetError, match="two cases have the id BraTS18_CBICA_AOO"):
+        list_cohort(lst)
+    lst.write_text("data/BraTS18_CBICA_AOO\ndata/nope\n")
+    with pytest.raises(DatasetError, match="line 2: data/nope not found"):
+        list_cohort(lst)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no case"):
+        list_cohort(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 12, 13])
+def test_parts_are_disjoint_complete_balanced_and_order_free(shared_data, k):
+    every = list_cohort(shared_data / "train")
+    parts = [select_part(every, k, i) for i in range(k)]
+    ids = [e.case_id for p in parts for e in p]
+    assert sorted(ids) == sorted(e.case_id for e in every) and len(set(ids)) == len(ids)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    shuffled = every[:]
+    random.Random(k).shuffle(shuffled)
+    assert [select_part(shuffled, k, i) for i in range(k)] == parts  # same on every node of a job array
+    with pytest.raises(UsageError, match="--part-id must lie in 0.."):
+        select_part(every, k, k)
+    with pytest.raises(UsageError, match="--num-parts"):
+        select_part(every, 0, 0)
+
+
+# --------------------------------------------------------------------------------------------- the command
+def test_cohort_command_failure_skip_rerun_and_summary(shared_data, model, tmp_path, monkeypatch):
+    _no_overview(monkeypatch)
+    src = _cohort(shared_data, tmp_path / "cohort")
+    broken = src / "Broken01"  # a case without the FLAIR the model needs
+    broken.mkdir()
+    (broken / "Broken01_t1.nii.gz").symlink_to(shared_data / "train/BraTS18_CBICA_AOO/BraTS18_CBICA_AOO_t1.nii.gz")
+    out = tmp_path / "out"
+    args = [src, "--model", model, "--out", out, "--n", 2, "--sampler", "ddpm", "--steps", 2, "--batch-size", BATCH,
+            "--quiet"]
+    code, text = _cli(*args)
+    assert code == 18, text  # some cases failed: errors.CasesFailedError
+    assert "1 of 3 cases failed (Broken01)" in text and "2 done, 0 skipped" in text
+    for cid in GOOD:
+        assert all((out / f"{cid}_{k}.nii.gz").is_file() for k in MAPS)
+        assert json.loads((out / f"{cid}_provenance.json").read_text())["complete"] is True
+    assert not list(out.glob("Broken01_*"))
+    rows = {r["case_id"]: r for r in _summary(out)}
+    assert set(rows) == {*GOOD, "Broken01"}
+    assert rows["Broken01"]["status"] == "failed" and "has no flair image" in rows["Broken01"]["message"]
+    assert rows["Broken01"]["uncertainty_rank"] == ""
+    for cid in GOOD:  # the summary's numbers are those of the maps on disk
+        r = rows[cid]
+        assert r["status"] == "done" and (r["n"], r["steps"], r["sampler"]) == ("2", "2", "ddpm")
+        mask_img = nib.load(str(out / f"{cid}_mask.nii.gz"))
+        mask = np.asarray(mask_img.dataobj) > 0
+        var = np.asarray(nib.load(str(out / f"{cid}_variance.nii.gz")).dataobj)
+        voxel_ml = float(np.prod(mask_img.header.get_zooms()[:3])) / 1000
+        assert int(r["lesion_voxels"]) == int(mask.sum()) > 0
+        assert float(r["lesion_ml"]) == pytest.approx(mask.sum() * voxel_ml, abs=1e-3)
+        assert float(r["mean_variance_in_lesion"]) == pytest.approx(float(var[mask].mean()), rel=1e-5)
+        assert float(r["uncertain_ml"]) == pytest.approx((var > 0.05).sum() * voxel_ml, abs=1e-3)
+        assert float(r["sampling_s"]) > 0
+    ranked = sorted(GOOD, key=lambda c: -float(rows[c]["mean_variance_in_lesion"]))
+    assert [rows[c]["uncertainty_rank"] for c in ranked] == ["1", "2"]
+    md = (out / SUMMARY_NAMES["md"]).read_text()
+    review = md.split("## Review first")[1].split("## Every case")[0]
+    assert review.index(ranked[0]) < review.index(ranked[1]) and "Broken01" not in review
+    assert re.search(r"\| Broken01 \| failed \|.*has no flair image", md)
+
+    # the same command again: finished cases are skipped (files untouched), the broken one fails again
+    def results():
+        return {p.name: p.stat().st_mtime_ns for p in out.glob("*_*") if p.name.startswith(GOOD)}
+    before = results()
+    assert len(before) == 10  # mean, variance, entropy, mask, provenance of each
+    code, text = _cli(*args)
+    assert code == 18 and "0 done, 2 skipped" in text, text
+    assert results() == before
+    # fixed: only that case runs now, and the run succeeds
+    (broken / "Broken01_flair.nii.gz").symlink_to(
+        shared_data / "train/BraTS18_CBICA_ASK/BraTS18_CBICA_ASK_flair.nii.gz")
+    code, text = _cli(*args)
+    assert code == 0 and "1 done, 2 skipped" in text, text
+    assert {r["case_id"]: r["status"] for r in _summary(out)} == {**{c: "skipped" for c in GOOD}, "Broken01": "done"}
+    assert not (out / ".diffseg-cohort").exists()
+    # other parameters into the same folder: refused per case (never silently mixed), --overwrite replaces
+    code, text = _cli(*[a if a != 2 else 3 for a in args])
+    assert code == 18 and "3 of 3 cases failed" in text, text
+    assert all("--overwrite" in r["message"] for r in _summary(out))
+    # an input case folder as --out is refused before anything runs
+    code, text = _cli(src, "--model", model, "--out", src / GOOD[0], "--quiet")
+    assert code == 14 and "is an input" in text, text
+    code, text = _cli(src / GOOD[0], "--model", model, "--out", out, "--num-parts", 2)
+    assert code == 2 and "this input is one case" in text, text
+
+
+def test_parts_give_the_single_process_files_byte_for_byte(reference_run, model, tmp_path, monkeypatch):
+    _no_overview(monkeypatch)
+    src, ref = reference_run
+    out = tmp_path / "parts"
+    seen = []
+    for i in range(2):  # as two jobs of an array would: same command, its own --part-id
+        code, text = _cli(src, "--model", model, "--out", out, "--n", 2, "--sampler", "ddpm", "--steps", 2,
+                          "--batch-size", BATCH, "--num-parts", 2, "--part-id", i, "--quiet")
+        assert code == 0 and "1 done" in text, text
+        seen.append({r["case_id"]: r["status"] for r in _summary(out)})
+    assert seen[0] == {GOOD[1]: "done", GOOD[0]: "pending"} or seen[0] == {GOOD[0]: "done", GOOD[1]: "pending"}
+    assert seen[1] == {c: "done" for c in GOOD}  # the last part to finish sees the whole cohort
+    assert _bytes(out, GOOD) == _bytes(ref, GOOD)
+
+
+# --------------------------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if os.environ.get("DIFFSEG_RAY_TESTS") != "1":
+        pytest.skip("Ray tests are opt-in (DIFFSEG_RAY_TESTS=1, `pip install 'diffseg-engine[ray]'`): on this 2-core "
+                    "machine the worker-death retry test once hung with a defunct worker, and a hang would stall CI")
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_run_gives_the_single_process_files_byte_for_byte(ray_cluster, reference_run, model, tmp_path):
+    src, ref = reference_run
+    out = tmp_path / "ray"
+    res = segment_cohort(src, out, model, _settings(model), use_ray=True, quiet=True)
+    assert [(s.case_id, s.status) for s in res.statuses] == [(c, "done") for c in sorted(GOOD)]
+    assert _bytes(out, GOOD) == _bytes(ref, GOOD)
+    prov = json.loads((out / f"{GOOD[0]}_provenance.json").read_text())
+    assert prov["run"] == json.loads((ref / f"{GOOD[0]}_provenance.json").read_text())["run"]
+    assert {r["status"] for r in _summary(out)} == {"done"}
+    # again: the workers skip the finished cases
+    res = segment_cohort(src, out, model, _settings(model), use_ray=True, quiet=True)
+    assert {s.status for s in res.statuses} == {"skipped"}
+
+
+@pytest.mark.slow
+def test_ray_schedule_retries_a_case_whose_worker_died(ray_cluster, tmp_path):
+    from diffseg_engine.cohort_ray import schedule
+    ray = ray_cluster
+
+    class FlakyWorker:  # defined here: Ray ships it to the worker by value
+        def run(self, entry):
+            marker = Path(entry.inputs[0])
+            if not marker.exists():  # the first attempt kills the worker process
+                marker.write_text("died once")
+                os._exit(1)
+            return {"case_id": entry.case_id, "status": "done", "source": str(marker), "message": "",
+                    "seconds": 0.0, "provenance": {}}
+
+    class AlwaysCrashes:
+        def run(self, entry):
+            raise RuntimeError("engine crashed")
+
+    entries = [CohortEntry("A", inputs=(tmp_path / "a.marker",)), CohortEntry("B", inputs=(tmp_path / "b.marker",))]
+    actors = [ray.remote(max_restarts=3, num_cpus=1)(FlakyWorker).remote() for _ in range(2)]
+    retried = []
+    statuses = schedule(actors, entries, retries=2, on_retry=lambda e, k, exc: retried.append((e.case_id, k)))
+    assert [(s.case_id, s.status) for s in statuses] == [("A", "done"), ("B", "done")]
+    assert sorted(retried) == [("A", 1), ("B", 1)]
+    bad = [ray.remote(num_cpus=1)(AlwaysCrashes).remote()]
+    statuses = schedule(bad, entries[:1], retries=1)
+    assert statuses[0].status == "failed" and "failed 2 times on Ray" in statuses[0].message
+    assert "engine crashed" in statuses[0].message
+
+
+# --------------------------------------------------------------------------------------------- Python API
+def test_segmenter_maps_a_volume_in_memory_exactly_as_segment_writes_it(reference_run, model, tmp_path,
+                                                                         monkeypatch):
+    from diffseg_engine.api import Segmenter
+    _, ref = reference_run
+    cid = GOOD[0]
+    flair = nib.load(str(ref.parent / "cohort" / cid / f"{cid}_flair.nii.gz"))
+    monkeypatch.chdir(tmp_path)
+    seg = Segmenter(model, n=2, sampler="ddpm", steps=2, batch_size=BATCH)
+    assert seg.modalities == ("flair",)
+    res = seg(flair, case_id=cid)
+    for k in MAPS:
+        np.testing.assert_array_equal(getattr(res, k), np.asarray(nib.load(str(ref / f"{cid}_{k}.nii.gz")).dataobj))
+    np.testing.assert_array_equal(res.affine, flair.affine)
+    prov = json.loads((ref / f"{cid}_provenance.json").read_text())
+    assert res.lesion == prov["lesion"]
+    # an array with its affine, a mapping, a list: the same maps; nothing was written anywhere
+    data = np.asarray(flair.dataobj)
+    for call in (lambda: seg(data, flair.affine, case_id=cid), lambda: seg({"FLAIR": data}, flair.affine, case_id=cid),
+                 lambda: seg.segment([flair], case_id=cid)):
+        np.testing.assert_array_equal(call().mean, res.mean)
+    assert list(tmp_path.iterdir()) == []
+    other = seg(flair, case_id=cid, seed=1)
+    assert not np.array_equal(other.mean, res.mean)
+    with pytest.raises(UsageError, match="needs its affine"):
+        seg(data)
+    with pytest.raises(MissingModalityError, match="4D volume has 2 channels"):
+        seg(np.stack([data, data], -1), flair.affine)
+    with pytest.raises(MissingModalityError, match="missing flair"):
+        seg({"t1": data}, flair.affine)
+    with pytest.raises(InputImageError, match="invertible"):
+        seg(data, np.zeros((4, 4)))
+    with pytest.raises(UsageError, match="--n must be at least 1"):
+        Segmenter(model, n=0)
+
+
+def test_segment_paths_one_case_and_a_cohort(reference_run, model, tmp_path):
+    from diffseg_engine.api import segment_paths
+    src, ref = reference_run
+    one = segment_paths(src / GOOD[1], tmp_path / "one", model, n=2, sampler="ddpm", steps=2,
+                        batch_size=BATCH, overview=False)
+    assert one.case_id == GOOD[1] and one.outputs["mean"].read_bytes() == (ref / f"{GOOD[1]}_mean.nii.gz").read_bytes()
+    many = segment_paths(src, tmp_path / "one", model, n=2, sampler="ddpm", steps=2, batch_size=BATCH,
+                         overview=False)
+    assert {s.case_id: s.status for s in many.statuses} == {GOOD[0]: "done", GOOD[1]: "skipped"}
+    assert _bytes(tmp_path / "one", GOOD) == _bytes(ref, GOOD)
+
+
+def _readme_block(heading: str) -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split(heading, 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's example, as written, on the shipped default model: runs, writes nothing, prints the maps."""
+    code = _readme_block("## Python API")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md (Python API)", "exec"), scope)
+    res = scope["result"]
+    shape = scope["image"].shape
+    assert res.mean.shape == res.variance.shape == res.mask.shape == shape
+    assert res.mask.dtype == np.uint8 and 0 <= res.mean.min() and res.mean.max() <= 1
+    assert "ml" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
