@@ -458,6 +458,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
         "model_sha256": model_sha, "model_card": card.to_dict(),
         "sampling": {**plan.describe(), "n": n, "seed": seed, "batch_size": bs, "batch_size_final": saved["bs"],
                      "resumed_from_item": start, "slices": S, "work_items": items},
+        "geometry": prepared.geometry.describe(),  # input orientation/spacing and what preprocessing did to them
         "backend": backend.describe(), "versions": _versions(), "timings": timings,
         "outputs": {k: str(v.name) for k, v in paths.items() if k != "provenance"}, "command": command,
         "definitions": {"mean": "mean over members of clip((x0-low)/(high-low), 0, 1)",
