@@ -68,9 +68,14 @@ class Preprocessing:
     crop_size: in-plane centre crop / zero pad to crop_size x crop_size (240 -> 224 is ``[8:-8, 8:-8]``).
     downsample: integer factor applied after cropping (area average); network size = crop_size // downsample.
     orientation: the canonical voxel orientation (nibabel axis codes of the 3D volume, e.g. ``"LPS"`` as BraTS
-    stores it) every input is reoriented to before slicing, and its outputs reoriented back from.
-    spacing_mm: the in-plane voxel spacing the network was trained at; inputs whose spacing differs are
-    resampled in-plane to it (and outputs back onto the input grid).
+    stores it: axis 0 to the patient's left, 1 posterior, 2 superior) every input is reoriented to before
+    slicing, and its outputs reoriented back from; network slices are [h, w] = the two non-S axes in this
+    order (LPS: h = left-right, w = anterior-posterior). ``""`` means the arrays as stored (the voxel axis
+    closest to superior-inferior is the slice axis): the cards of models converted from the paper's code, whose
+    loader used the arrays as stored; such a card without the field (preset ``paper-import``) reads as ``""``.
+    spacing_mm: the in-plane voxel spacing (mm) the network was trained at; an input axis whose spacing differs
+    by more than `geometry.SPACING_TOLERANCE` (5 %) is resampled in-plane to it (and outputs back onto the
+    input grid). The crop window covers crop_size x spacing_mm mm.
     """
 
     intensity: str = "percentile"
@@ -81,9 +86,24 @@ class Preprocessing:
     orientation: str = "LPS"
     spacing_mm: float = 1.0
 
+    def __post_init__(self) -> None:
+        codes = str(self.orientation).upper()
+        pairs = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+        if codes and (len(codes) != 3 or sorted(next((k for k, p in enumerate(pairs) if c in p), 9)
+                                                  for c in codes) != [0, 1, 2]):
+            raise ValueError(f"orientation {self.orientation!r} is not '' or three axis codes naming L/R, A/P and "
+                             "S/I once each")
+        object.__setattr__(self, "orientation", codes)
+        if not float(self.spacing_mm) > 0:
+            raise ValueError(f"spacing_mm {self.spacing_mm!r} must be positive")
+
     @property
     def image_size(self) -> int:
         return self.crop_size // self.downsample
+
+
+#: Presets whose cards predate `Preprocessing.orientation` and meant the arrays as stored.
+AS_STORED_PRESETS = ("paper-import",)
 
 
 @dataclass(frozen=True)
@@ -195,7 +215,7 @@ class ModelCard:
                 preset=str(data["preset"]),
                 modalities=tuple(str(m) for m in data["modalities"]),
                 architecture=Architecture(**data["architecture"]),
-                preprocessing=Preprocessing(**data.get("preprocessing", {})),
+                preprocessing=Preprocessing(**_preprocessing_fields(data)),
                 diffusion=DiffusionSpec(**data.get("diffusion", {})),
                 weights_sha256=str(data.get("weights_sha256", "")),
                 format_version=version,
@@ -216,3 +236,12 @@ class ModelCard:
         if not isinstance(data, dict):
             raise ModelFileError("model card is not a JSON object", path=source)
         return cls.from_dict(data, source=source)
+
+
+def _preprocessing_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The card's preprocessing fields; a card of an as-stored preset written before `orientation` existed
+    keeps meaning the arrays as stored."""
+    fields = dict(data.get("preprocessing", {}))
+    if "orientation" not in fields and str(data.get("preset", "")) in AS_STORED_PRESETS:
+        fields["orientation"] = ""
+    return fields

@@ -1,22 +1,34 @@
 """Turning a case into network input, and the exact inverse for the network's output maps.
 
-Owns: axial re-ordering, the in-plane size check (`check_plane`), intensity normalisation, in-plane centre
-crop / zero pad, area-average downsampling, bilinear upsampling, `prepare_case` / `restore` / `prepare_label`
-and the `Geometry` that links them. The pipeline, for a volume V of shape `shape` and each modality:
+Owns: the field-of-view checks (`check_plane`, `check_brain_window`), intensity normalisation, in-plane
+centre crop / zero pad, area-average downsampling, bilinear upsampling, `prepare_geometry` /
+`prepare_case` / `restore` / `prepare_map` / `prepare_label` and the `Geometry` that links them.
+Reorientation and in-plane resampling live in `geometry` (nibabel.orientations, scipy.ndimage). The
+pipeline, for a case of modality volumes on one grid (3D [X, Y, Z]; a 2D slice is [X, Y, 1]) and the card's
+`Preprocessing`:
 
-1. axial order: the voxel axis whose affine direction is closest to superior-inferior moves to the front,
-   giving [S, X, Y] with the two other axes in their original order and direction (never flipped, so the
-   inverse is an exact transpose). A 3D array with a trailing singleton axis (a 2D slice) has S = 1.
-2. `normalise_intensity` (per modality, over the whole volume).
-3. keep the slices that contain brain (any modality non-zero).
-4. `centre_crop` to crop_size x crop_size (crop at (n - crop)//2, zero pad at (crop - n)//2 per axis).
-5. `downsample` by area averaging.
+1. canonical geometry (`geometry.axial_frame`): every volume is reoriented (flips and transposes only) to
+   the card's `orientation` (e.g. "LPS") and its S axis moved to the front, giving the axial stack
+   [S, h, w] (for LPS: [S, L, P]); orientation "" uses the array as stored (the axis closest to
+   superior-inferior moves to the front).
+2. field of view (`check_plane`, `check_brain_window`), before any voxel is normalised: the in-plane field
+   of view in mm must lie within `FOV_RANGE` of the crop window (crop_size x spacing_mm mm), and no more
+   than `BRAIN_OUTSIDE_TOLERANCE` of the brain voxels may fall outside that window; otherwise
+   `InputImageError` (nothing is cropped away silently).
+3. `normalise_intensity` (per modality, over the whole volume).
+4. keep the slices that contain brain (any modality non-zero).
+5. in-plane resampling to `spacing_mm` of each axis whose spacing differs by more than
+   `geometry.SPACING_TOLERANCE` (linear, centred; BraTS 1 mm data are never resampled).
+6. `centre_crop` to crop_size x crop_size (crop at (n - crop)//2, zero pad at (crop - n)//2 per axis).
+7. `downsample` by area averaging.
 
-`restore` inverts 5-1 for a map: bilinear `upsample` (half-pixel centres, edge clamped, so a constant map
-stays exactly that constant), `uncrop` (zeros outside the crop window), zeros on unprocessed slices and
-outside the brain mask, and back to the original voxel order and shape.
-Imports: numpy, `card` and `errors` only. Must not import nibabel (arrays and affines come in from
-`nifti_io`), torch or onnxruntime.
+`restore` inverts 7-1 for a map: bilinear `upsample` (half-pixel centres, edge clamped, so a constant map
+stays exactly that constant), `uncrop` (zeros outside the crop window), linear resampling back onto the
+input's in-plane grid (same world positions), zeros on unprocessed slices and outside the brain mask, and
+the inverse reorientation onto the input's exact voxel order and shape. Without resampling every step but
+the up/downsampling is exact.
+Imports: numpy, `card`, `geometry` and `errors` only. Must not import nibabel directly (arrays and affines
+come in from `nifti_io`; `geometry` uses nibabel.orientations), torch or onnxruntime.
 """
 from __future__ import annotations
 
@@ -25,28 +37,36 @@ from typing import Sequence
 
 import numpy as np
 
+from . import geometry as G
 from .card import Preprocessing
 from .errors import InputImageError, UsageError
 
 #: How far outside [0, 1] intensities may lie when the model expects already normalised input.
 NONE_TOLERANCE = 1e-3
-#: In-plane sizes (voxels) accepted, as fractions of the model's crop window: smaller images would be mostly
-#: zero padding, larger ones mostly cut away (a different field of view or resolution than the model's).
-PLANE_RANGE = (0.5, 2.0)
+#: In-plane fields of view accepted (mm per axis), as fractions of the model's crop window (crop_size x
+#: spacing_mm mm): smaller images would be mostly zero padding (a partial view), larger ones are not a head.
+FOV_RANGE = (0.5, 2.0)
+PLANE_RANGE = FOV_RANGE  # the former name (voxels at 1 mm)
+#: Largest fraction of brain (non-zero) voxels that may lie outside the crop window before a case is refused.
+BRAIN_OUTSIDE_TOLERANCE = 1e-3
 
 
 @dataclass(eq=False)
 class Geometry:
-    """What `restore` and `prepare_label` need to map between the input grid and network slices.
+    """What `restore`, `prepare_map` and `prepare_label` need to map between the input grid and network slices.
 
-    shape: original volume shape (3D; a 2D slice is [X, Y, 1]). axis: the slice (superior-inferior) voxel
-    axis. plane: in-plane shape (X, Y) in axial order. slice_index: int [S_sel], the processed slices.
-    brain: bool [S, X, Y], any modality non-zero, in axial order.
+    shape: original volume shape (3D; a 2D slice is [X, Y, 1]). frame: the `geometry.AxialFrame`
+    (reorientation to the canonical axial stack [S, h, w] and back). plane: the stack's in-plane shape
+    (h, w) on the input grid; grid: the same after resampling to `spacing_mm` (= plane when not resampled).
+    slice_index: int [S_sel], the processed slices as voxel indices along the input's slice axis `axis`, in
+    network (stack) order. brain: bool [S, h, w], any modality non-zero, on the stack.
     """
 
     shape: tuple[int, int, int]
-    axis: int
+    frame: G.AxialFrame
     plane: tuple[int, int]
+    grid: tuple[int, int]
+    spacing_mm: float
     crop_size: int
     downsample: int
     slice_index: np.ndarray
@@ -56,11 +76,31 @@ class Geometry:
     def image_size(self) -> int:
         return self.crop_size // self.downsample
 
+    @property
+    def axis(self) -> int:
+        """The input voxel axis that is the slice (superior-inferior) axis."""
+        return self.frame.axis
+
+    @property
+    def stack_index(self) -> np.ndarray:
+        """`slice_index` as indices into the stack (`brain`'s first axis)."""
+        return self.frame.input_slices(self.slice_index)
+
+    @property
+    def resampled(self) -> tuple[bool, bool]:
+        return tuple(G.needs_resampling(z, self.spacing_mm) for z in self.frame.zooms)
+
+    def describe(self) -> dict:
+        """The geometry facts a provenance record keeps."""
+        return {**self.frame.describe(), "spacing_mm": self.spacing_mm, "resampled": list(self.resampled),
+                "in_plane_voxels": list(self.plane), "resampled_voxels": list(self.grid)}
+
 
 @dataclass(eq=False)
 class PreparedCase:
     """Network input of one case. inputs: float32 [S_sel, C, h, w] (C in the requested modality order,
-    h = w = crop_size // downsample); slice_index: int [S_sel] into the axial axis; geometry: see `Geometry`."""
+    h = w = crop_size // downsample); slice_index: int [S_sel], voxel indices along the input's slice axis
+    (`geometry.axis`); geometry: see `Geometry`."""
 
     inputs: np.ndarray
     slice_index: np.ndarray
@@ -71,6 +111,9 @@ class PreparedCase:
 
 def check_preprocessing(prep: Preprocessing) -> None:
     """`UsageError` unless `prep` describes a pipeline this module can run."""
+    G.check_orientation(prep.orientation)
+    if not (isinstance(prep.spacing_mm, (int, float)) and np.isfinite(prep.spacing_mm) and prep.spacing_mm > 0):
+        raise UsageError(f"spacing_mm {prep.spacing_mm!r} must be a positive number of millimetres")
     if prep.intensity not in ("percentile", "none"):
         raise UsageError(f"unknown intensity normalisation {prep.intensity!r}", fix="use 'percentile' or 'none'")
     if not 0 <= prep.percentile_low < prep.percentile_high <= 100:
@@ -79,29 +122,70 @@ def check_preprocessing(prep: Preprocessing) -> None:
         raise UsageError(f"crop_size {prep.crop_size} must be a positive multiple of downsample {prep.downsample}")
 
 
-def check_plane(plane: Sequence[int], prep: Preprocessing, *, source: object | None = None) -> None:
-    """`InputImageError` unless the in-plane size (X, Y) lies within `PLANE_RANGE` of the crop window."""
-    lo, hi = (int(round(f * prep.crop_size)) for f in PLANE_RANGE)
-    if not all(lo <= n <= hi for n in plane):
+def check_plane(plane: Sequence[int], prep: Preprocessing, *, zooms: Sequence[float] | None = None,
+                source: object | None = None) -> None:
+    """`InputImageError` unless the in-plane field of view (plane[k] x zooms[k] mm per axis; zooms default to
+    the card's spacing) lies within `FOV_RANGE` of the model's crop window (crop_size x spacing_mm mm)."""
+    zooms = tuple(float(z) for z in (zooms if zooms is not None else (prep.spacing_mm,) * 2))
+    window = prep.crop_size * prep.spacing_mm
+    lo, hi = (f * window for f in FOV_RANGE)
+    fov = [n * z for n, z in zip(plane, zooms)]
+    if not all(lo - 1e-6 <= f <= hi + 1e-6 for f in fov):
         raise InputImageError(
-            f"has an in-plane size of {plane[0]}x{plane[1]} voxels; this model looks at a {prep.crop_size}x"
-            f"{prep.crop_size} window and takes {lo} to {hi} voxels per in-plane axis", path=source,
-            fix="give the full axial field of view at about 1 mm (BraTS: 240x240), resampling if needed")
+            f"has an in-plane size of {plane[0]}x{plane[1]} voxels of {zooms[0]:.3g}x{zooms[1]:.3g} mm "
+            f"({fov[0]:.0f}x{fov[1]:.0f} mm); this model looks at a {window:.0f}x{window:.0f} mm window "
+            f"({prep.crop_size}x{prep.crop_size} voxels of {prep.spacing_mm:g} mm) and takes fields of view of "
+            f"{lo:.0f} to {hi:.0f} mm per in-plane axis", path=source,
+            fix="give the whole axial field of view of the head with a correct voxel size in the header "
+                "(BraTS: 240x240 voxels of 1 mm)")
+
+
+def _inside_window(n: int, zoom: float, prep: Preprocessing) -> np.ndarray:
+    """bool [n]: which of the n input voxels of an in-plane axis land inside the crop window."""
+    s = prep.spacing_mm
+    m = G.resampled_size(n, zoom, s)
+    if m <= prep.crop_size:
+        return np.ones(n, dtype=bool)
+    lo = (m - prep.crop_size) // 2
+    j = G.sample_positions(m, n, zoom / s) if G.needs_resampling(zoom, s) else np.arange(n, dtype=np.float64)
+    return (j >= lo - 0.5) & (j < lo + prep.crop_size - 0.5)
+
+
+def check_brain_window(brain: np.ndarray, zooms: Sequence[float], prep: Preprocessing, *,
+                       source: object | None = None) -> None:
+    """`InputImageError` when more than `BRAIN_OUTSIDE_TOLERANCE` of the brain voxels (bool stack [S, h, w]
+    on the input grid, in-plane spacing `zooms` mm) lie outside the crop window the network would see."""
+    counts = brain.sum(axis=0, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return
+    inside = [_inside_window(n, z, prep) for n, z in zip(counts.shape, zooms)]
+    outside = total - int(counts[np.ix_(inside[0], inside[1])].sum())
+    if outside > BRAIN_OUTSIDE_TOLERANCE * total:
+        over = []
+        for k, (ins, z) in enumerate(zip(inside, zooms)):
+            prof = counts.sum(axis=1 - k) > 0
+            beyond = prof & ~ins
+            if beyond.any():
+                first, last = np.flatnonzero(ins)[[0, -1]]
+                idx = np.flatnonzero(beyond)
+                over.append(float(max(first - idx.min(), idx.max() - last, 0) * z))
+        window = prep.crop_size * prep.spacing_mm
+        raise InputImageError(
+            f"has brain (non-zero) voxels beyond this model's {window:.0f}x{window:.0f} mm crop window: "
+            f"{outside / total:.1%} of them, up to {max(over, default=0):.0f} mm past its edge, would be cut away",
+            path=source, fix="centre the field of view on the head and skull-strip the image (as BraTS is), "
+                             "or crop it to the brain; the network sees only the central window")
 
 
 def slice_axis(affine: np.ndarray, shape: Sequence[int]) -> int:
     """The voxel axis closest to superior-inferior in world space (3D `shape`; a trailing 1 gives axis 2)."""
-    if len(shape) == 3 and shape[2] == 1:
-        return 2
-    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
-    norms = np.linalg.norm(rot, axis=0)
-    if rot.shape != (3, 3) or not np.isfinite(rot).all() or np.any(norms == 0):
-        raise InputImageError("the image affine is non-finite or singular", fix="repair the header's sform/qform")
-    return int(np.argmax(np.abs(rot[2]) / norms))
+    return G._axial_axis(affine, shape)
 
 
 def to_axial(volume: np.ndarray, axis: int) -> np.ndarray:
-    """[..3D..] -> [S, X, Y]: `axis` to the front, other axes kept in order (a view, no flip)."""
+    """[..3D..] -> [S, X, Y]: `axis` to the front, other axes kept in order (a view, no flip; the stack of
+    orientation "" — `prepare_case` uses `geometry.AxialFrame.to_stack`)."""
     return np.moveaxis(volume, axis, 0)
 
 
@@ -195,14 +279,24 @@ def normalise_intensity(volume: np.ndarray, prep: Preprocessing, *, source: obje
 
 # ---- a case -----------------------------------------------------------------------------------------
 
-def prepare_case(images: Sequence[np.ndarray], affine: np.ndarray, prep: Preprocessing, *,
-                 names: Sequence[object] | None = None) -> PreparedCase:
-    """Modality volumes (all the same 3D shape [X, Y, Z]; 2D [X, Y] taken as [X, Y, 1]) -> network input.
+def _resample_plane(stack: np.ndarray, g: Geometry) -> np.ndarray:
+    """[S, h, w] on the input grid -> [S, h', w'] at spacing_mm (axes within tolerance untouched)."""
+    for k, (n, m, z) in enumerate(zip(g.plane, g.grid, g.frame.zooms)):
+        if G.needs_resampling(z, g.spacing_mm):
+            stack = G.resample_axis(stack, k - 2, m, g.spacing_mm / z)
+    return stack
 
-    affine: the 4x4 voxel -> world matrix shared by the images. names: optional file names for errors.
-    Returns `PreparedCase` with inputs float32 [S_sel, C, h, w] of the brain-containing axial slices.
-    """
-    check_preprocessing(prep)
+
+def _unresample_plane(stack: np.ndarray, g: Geometry) -> np.ndarray:
+    """Inverse of `_resample_plane`: [S, h', w'] -> [S, h, w] at the input's voxel centres."""
+    for k, (n, m, z) in enumerate(zip(g.plane, g.grid, g.frame.zooms)):
+        if G.needs_resampling(z, g.spacing_mm):
+            stack = G.resample_axis(stack, k - 2, n, z / g.spacing_mm)
+    return stack
+
+
+def _volumes(images: Sequence[np.ndarray], names: Sequence[object] | None) -> tuple[list[np.ndarray], list]:
+    """The modality volumes as 3D arrays of one shape (2D [X, Y] -> [X, Y, 1]), and a name for each."""
     names = list(names) if names is not None else [None] * len(images)
     vols = [np.asarray(v) for v in images]
     vols = [v[:, :, None] if v.ndim == 2 else v for v in vols]
@@ -215,24 +309,53 @@ def prepare_case(images: Sequence[np.ndarray], affine: np.ndarray, prep: Preproc
             raise InputImageError(f"modality images have different shapes: {vols[0].shape} ({names[0] or 'first'})"
                                   f" and {v.shape} ({name or 'another'})",
                                   fix="give the co-registered images of one case, all on the same grid")
+    return vols, names
+
+
+def prepare_geometry(images: Sequence[np.ndarray], affine: np.ndarray, prep: Preprocessing, *,
+                     names: Sequence[object] | None = None) -> Geometry:
+    """The `Geometry` of a case, after every geometry check (orientation, in-plane field of view, brain inside
+    the crop window), without touching intensities: the first half of `prepare_case`, cheap enough to run
+    on its own to vet inputs. Arguments as `prepare_case`."""
+    check_preprocessing(prep)
+    vols, names = _volumes(images, names)
     shape = tuple(int(n) for n in vols[0].shape)
-    axis = slice_axis(affine, shape)
+    frame = G.axial_frame(affine, shape, prep.orientation, source=names[0])
     brain3 = np.zeros(shape, dtype=bool)
     for v in vols:
         brain3 |= v != 0
-    brain = np.ascontiguousarray(to_axial(brain3, axis))
+    brain = np.ascontiguousarray(frame.to_stack(brain3))
     sel = np.flatnonzero(brain.any(axis=(1, 2)))
     if sel.size == 0:
         raise InputImageError("every modality is zero everywhere: no brain to segment", path=names[0])
+    plane = (brain.shape[1], brain.shape[2])
+    check_plane(plane, prep, zooms=frame.zooms, source=names[0])
+    check_brain_window(brain, frame.zooms, prep, source=names[0])
+    grid = tuple(G.resampled_size(n, z, prep.spacing_mm) for n, z in zip(plane, frame.zooms))
+    return Geometry(shape=shape, frame=frame, plane=plane, grid=grid, spacing_mm=float(prep.spacing_mm),
+                    crop_size=prep.crop_size, downsample=prep.downsample, slice_index=frame.input_slices(sel),
+                    brain=brain)
+
+
+def prepare_case(images: Sequence[np.ndarray], affine: np.ndarray, prep: Preprocessing, *,
+                 names: Sequence[object] | None = None) -> PreparedCase:
+    """Modality volumes (all the same 3D shape [X, Y, Z]; 2D [X, Y] taken as [X, Y, 1]) -> network input.
+
+    affine: the 4x4 voxel -> world matrix shared by the images. names: optional file names for errors.
+    Returns `PreparedCase` with inputs float32 [S_sel, C, h, w] of the brain-containing axial slices, in
+    stack order (inferior to superior for an orientation ending in S). The geometry checks
+    (`prepare_geometry`) run before any intensity work, so a refusal is quick.
+    """
+    geometry = prepare_geometry(images, affine, prep, names=names)
+    vols, names = _volumes(images, names)
+    sel = geometry.stack_index
     size = prep.crop_size // prep.downsample
     inputs = np.empty((sel.size, len(vols), size, size), dtype=np.float32)
     for c, (v, name) in enumerate(zip(vols, names)):
         norm = normalise_intensity(v, prep, source=name)
-        inputs[:, c] = downsample(centre_crop(to_axial(norm, axis)[sel], prep.crop_size), prep.downsample)
-    check_plane((brain.shape[1], brain.shape[2]), prep, source=names[0])
-    geometry = Geometry(shape=shape, axis=axis, plane=(brain.shape[1], brain.shape[2]), crop_size=prep.crop_size,
-                        downsample=prep.downsample, slice_index=sel, brain=brain)
-    return PreparedCase(inputs=inputs, slice_index=sel, geometry=geometry)
+        stack = _resample_plane(geometry.frame.to_stack(norm)[sel], geometry)
+        inputs[:, c] = downsample(centre_crop(stack, prep.crop_size), prep.downsample)
+    return PreparedCase(inputs=inputs, slice_index=geometry.slice_index, geometry=geometry)
 
 
 def _geometry(target: PreparedCase | Geometry) -> Geometry:
@@ -250,17 +373,30 @@ def restore(prepared: PreparedCase | Geometry, maps: np.ndarray) -> np.ndarray:
     if maps.shape != want:
         raise ValueError(f"maps have shape {maps.shape}; expected {want} [S_sel, h, w]")
     full = np.zeros((g.brain.shape[0],) + g.plane, dtype=np.float32)
-    full[g.slice_index] = uncrop(upsample(maps, g.downsample), g.plane)
+    full[g.stack_index] = _unresample_plane(uncrop(upsample(maps, g.downsample), g.grid), g)
     full *= g.brain
-    return np.ascontiguousarray(from_axial(full, g.axis))
+    return np.ascontiguousarray(g.frame.from_stack(full))
+
+
+def prepare_map(volume: np.ndarray, prepared: PreparedCase | Geometry) -> np.ndarray:
+    """Any input-grid volume (e.g. a label or a probability map) -> float32 [S_sel, h, w] on the network grid:
+    the same reorientation, slices, resampling (linear), crop and downsampling (area average) as the images,
+    without intensity normalisation."""
+    g = _geometry(prepared)
+    vol = np.asarray(volume, dtype=np.float32)
+    vol = vol[:, :, None] if vol.ndim == 2 else vol
+    if vol.shape != g.shape:
+        raise ValueError(f"volume has shape {vol.shape}; expected the case's {g.shape}")
+    stack = _resample_plane(g.frame.to_stack(vol)[g.stack_index], g)
+    return downsample(centre_crop(np.ascontiguousarray(stack), g.crop_size), g.downsample)
 
 
 def prepare_label(label_volume: np.ndarray, prepared: PreparedCase | Geometry,
                   affine: np.ndarray | None = None, *, source: object | None = None) -> np.ndarray:
     """Whole-tumour target (label > 0) on the network grid: float32 {0, 1} [S_sel, h, w].
 
-    Same slices, crop and downsampling as `prepare_case`; after area averaging, blocks with at least half
-    tumour (>= 0.5) are tumour. `affine`, if given, must put the slice axis where the images had it.
+    `prepare_map` of label > 0 (reorientation, slices, linear resampling, crop, area averaging), then blocks
+    with at least half tumour (>= 0.5) are tumour. `affine`, if given, must orient the label like the images.
     """
     g = _geometry(prepared)
     lab = np.asarray(label_volume)
@@ -268,9 +404,12 @@ def prepare_label(label_volume: np.ndarray, prepared: PreparedCase | Geometry,
     if lab.shape != g.shape:
         raise InputImageError(f"label has shape {lab.shape} but the images have shape {g.shape}", path=source,
                               fix="give the label of this case, on the images' grid")
-    if affine is not None and slice_axis(affine, lab.shape) != g.axis:
-        raise InputImageError("label is oriented differently from the images", path=source,
-                              fix="resample the label onto the images' grid")
-    wt = (to_axial(lab, g.axis)[g.slice_index] > 0).astype(np.float32)
-    small = downsample(centre_crop(wt, g.crop_size), g.downsample)
-    return (small >= 0.5).astype(np.float32)
+    if affine is not None:
+        if g.frame.transform is None:
+            same = slice_axis(affine, lab.shape) == g.axis
+        else:
+            same = G.codes_of(G.input_orientation(affine, lab.shape, source=source)) == g.frame.input_codes
+        if not same:
+            raise InputImageError("label is oriented differently from the images", path=source,
+                                  fix="resample the label onto the images' grid")
+    return (prepare_map(lab > 0, g) >= 0.5).astype(np.float32)

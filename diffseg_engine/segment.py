@@ -550,6 +550,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
         "model_sha256": model_sha, "model_card": card.to_dict(),
         "sampling": {**plan.describe(), "n": n, "seed": seed, "batch_size": bs, "batch_size_final": saved["bs"],
                      "resumed_from_item": start, "slices": S, "work_items": items},
+        "geometry": prepared.geometry.describe(),  # input orientation/spacing and what preprocessing did to them
         "backend": backend.describe(), "versions": _versions(), "timings": timings,
         "run": run_identity(case.case_id, card, backend.name, plan, n, seed, save_samples, input_sha, model_sha),
         "lesion": lesion_summary(mask, variance, case.reference.image.header.get_zooms()[:3]),

@@ -153,7 +153,9 @@ def convert_checkpoint(pt_path: str | os.PathLike, out_path: str | os.PathLike, 
         preset="paper-import",
         modalities=mods,
         architecture=arch,
-        preprocessing=Preprocessing(intensity="none", crop_size=224, downsample=1),
+        # orientation "": the arrays as stored, as the paper's loader read them (its reference 2D slices carry
+        # an identity affine that does not describe their content)
+        preprocessing=Preprocessing(intensity="none", crop_size=224, downsample=1, orientation=""),
         diffusion=DiffusionSpec(schedule="linear", timesteps=1000, learn_sigma=arch.out_channels == 2,
                                 mask_low=0.0, mask_high=1.0, clip_denoised=True, clip_low=-1.0, clip_high=1.0),
         training={"source": str(pt_path), "source_sha256": _sha256(pt_path),

@@ -505,7 +505,8 @@ def test_segment_errors_name_the_file(models, tmp_path):
     """A usable-looking file whose content cannot be segmented (constant) is named in the error."""
     _, onnx_path = models["flair"]
     bad = tmp_path / "case9_flair.nii.gz"
-    nib.save(nib.Nifti1Image(np.full((20, 24, 8), 7, np.float32), np.eye(4)), str(bad))
+    # a head-sized field of view (the geometry checks, which come first, pass)
+    nib.save(nib.Nifti1Image(np.full((200, 208, 8), 7, np.float32), np.eye(4)), str(bad))
     with pytest.raises(InputImageError, match="case9_flair.nii.gz.*constant"):
         _lib([bad], onnx_path, tmp_path / "o", n=1)
 

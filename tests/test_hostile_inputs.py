@@ -172,6 +172,11 @@ def in_plane_too_large(real, tmp):
     return [_save(_image(d, real["flair"]), tmp / f"{CASE}_flair.nii.gz")], IMG, "in-plane size"
 
 
+def brain_beyond_the_crop_window(real, tmp):  # 1.5 mm voxels in the header: the brain spans ~280 mm
+    img = nib.Nifti1Image(_data(real), real["flair"].affine @ np.diag([1.5, 1.5, 1, 1]), real["flair"].header)
+    return [_save(img, tmp / f"{CASE}_flair.nii.gz")], IMG, "crop window"
+
+
 def singular_affine(real, tmp):
     return [_with_header(real, tmp, f"{CASE}_flair.nii", srow_z=[0, 0, 0, 5], sform_code=1, qform_code=0)], \
         IMG, "singular affine"
@@ -272,7 +277,8 @@ def wrong_modality_by_name(real, tmp):
 
 FLAIR_CASES = [empty, truncated_gzip, random_bytes, flipped_byte_in_deflate_stream, flipped_crc,
                missing_gzip_trailer, truncated_uncompressed, enormous_declared_size, gzip_bomb, five_dimensions,
-               one_dimension, four_d_with_two_volumes, in_plane_too_small, in_plane_too_large, singular_affine,
+               one_dimension, four_d_with_two_volumes, in_plane_too_small, in_plane_too_large,
+               brain_beyond_the_crop_window, singular_affine,
                sheared_affine, nan_affine, sform_qform_disagree, nan_voxels, inf_voxels, constant_modality,
                all_zero, complex_data, rgb_data, extreme_scl_slope, infinite_scl_slope,
                slope_that_overflows_float32, gzip_of_text, analyze_pair, folder_as_image, missing_file,

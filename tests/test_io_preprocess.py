@@ -218,10 +218,13 @@ def test_2d_reference_slice_with_intensity_none(tmp_path):
     case = discover_cases(DATA / "slices2d-unlabelled")[0]
     images = [load_image(p) for p in case.require(ALL4)]
     assert images[0].data.shape == (240, 240, 1) and images[0].image.shape == (240, 240)
-    prep = Preprocessing(intensity="none", crop_size=224)
+    prep = Preprocessing(intensity="none", crop_size=224, orientation="")  # as stored: paper-converted models
     pc = prepare_case([im.data for im in images], images[0].affine, prep)
     assert pc.inputs.shape == (1, 4, 224, 224) and list(pc.slice_index) == [0]
     assert np.array_equal(pc.inputs[0, 3], images[3].data[8:-8, 8:-8, 0])
+    # their identity (RAS) affine, taken at its word by an LPS model, turns them by 180 degrees in-plane
+    lps = prepare_case([im.data for im in images], images[0].affine, Preprocessing(intensity="none"))
+    assert np.array_equal(lps.inputs[0, 3], images[3].data[::-1, ::-1, 0][8:-8, 8:-8])
     back = restore(pc, np.ones((1, 224, 224), np.float32))
     assert back.shape == (240, 240, 1) and back[:8].sum() == 0
     out = save_like(images[3], (back > 0.5).astype(np.uint8), tmp_path / "mask.nii.gz", np.uint8)

@@ -11,7 +11,7 @@ import torch
 from diffseg_engine.backends.base import read_card
 from diffseg_engine.errors import ModelFileError, UsageError
 from diffseg_engine.schedule import tables_for
-from diffseg_engine.train.data import BatchSampler, labelled_cases, load_slices, split_cases
+from diffseg_engine.train.data import FLIP_AUGMENTATION, BatchSampler, labelled_cases, load_slices, split_cases
 from diffseg_engine.train.losses import TorchTables, hybrid_loss, segmentation_loss
 from diffseg_engine.train.loop import TrainConfig, train
 from diffseg_engine.train.presets import build_card, get_preset
@@ -94,6 +94,7 @@ def test_checkpoint_round_trip_and_exact_resume(shared_data, tmp_path):
         np.testing.assert_array_equal(wa[k], wb[k])
     # card says what the file is; weights load strictly into the architecture it names
     assert card_a.modalities == ("flair",) and card_a.preset == "tiny"
+    assert card_a.training["augmentations"] == ["flip_lr"]  # the card says how it was trained (FLIP_AUGMENTATION)
     assert card_a.training["val_cases"] and not set(card_a.training["val_cases"]) & set(card_a.training["train_cases"])
     load_state_dict_strict(UNetModel(card_a.architecture), {k: torch.from_numpy(v) for k, v in wa.items()})
     log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]

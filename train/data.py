@@ -3,8 +3,11 @@
 Owns: `SliceSet` (images [N, C, h, w], masks [N, 1, h, w] in {mask_low, mask_high}, the case of each
 slice), `load_slices`, `split_cases` (patient-level validation split) and `BatchSampler` (seeded,
 tumour-weighted draws with optional left-right flips).
-Imports: numpy, `diffseg_engine.cases`, `nifti_io`, `preprocess`, `card`, `errors`. Must not import torch
-(batches are numpy; the loop converts them).
+Images and labels go through the inference path (`preprocess.prepare_case` / `prepare_label`): reoriented
+to the card's orientation, resampled in-plane to its spacing, cropped and downsampled alike, so training
+slices look exactly like the slices the engine later feeds the network.
+Imports: numpy, `diffseg_engine.cases`, `nifti_io`, `preprocess`, `geometry`, `card`, `errors`. Must not
+import torch (batches are numpy; the loop converts them).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 from diffseg_engine.card import ModelCard
 from diffseg_engine.cases import Case, discover_cases
 from diffseg_engine.errors import DatasetError, MissingModalityError
+from diffseg_engine.geometry import lr_network_axis
 from diffseg_engine.nifti_io import load_image
 from diffseg_engine.preprocess import prepare_case, prepare_label
 
@@ -26,7 +30,7 @@ class SliceSet:
     images: np.ndarray  # [N, C, h, w] float32 in [0, 1]
     masks: np.ndarray  # [N, 1, h, w] float32, mask_low / mask_high
     case_ids: np.ndarray  # [N] str
-    slice_index: np.ndarray  # [N] int, axial index in the case's volume
+    slice_index: np.ndarray  # [N] int, voxel index along the slice axis of the case's volume
 
     def __len__(self) -> int:
         return len(self.images)
@@ -78,11 +82,13 @@ def split_cases(case_ids: Sequence[str], *, val_cases: Sequence[str] | None = No
 
 
 def load_case_slices(case: Case, card: ModelCard, *, max_slices: int | None = None) -> SliceSet:
-    """Preprocess one labelled case into brain-containing axial slices."""
-    images = [load_image(p) for p in case.require(card.modalities)]
+    """Preprocess one labelled case into brain-containing axial slices (the card's orientation and spacing;
+    the label follows the images' reorientation and resampling)."""
+    paths = case.require(card.modalities)
+    images = [load_image(p) for p in paths]
     label = load_image(case.label)
-    prepared = prepare_case([im.data for im in images], images[0].image.affine, card.preprocessing)
-    wt = prepare_label(label.data, prepared)  # [S, h, w] in {0, 1}
+    prepared = prepare_case([im.data for im in images], images[0].affine, card.preprocessing, names=paths)
+    wt = prepare_label(label.data, prepared, label.affine, source=case.label)  # [S, h, w] in {0, 1}
     lo, hi = card.diffusion.mask_low, card.diffusion.mask_high
     masks = (lo + (hi - lo) * wt)[:, None].astype(np.float32)
     idx = np.arange(len(prepared.inputs))
@@ -101,13 +107,26 @@ def load_slices(cases: Sequence[Case], card: ModelCard, *, max_slices_per_case: 
                     has_tumour=np.concatenate([p.has_tumour for p in parts]))
 
 
+#: The augmentations `BatchSampler` applies, as a model card records them (`training["augmentations"]`).
+FLIP_AUGMENTATION = "left-right flip of the whole slice (image and mask), probability 0.5"
+
+
+def flip_axis(card: ModelCard) -> int:
+    """The axis of a batch [N, C, h, w] that runs left-right under the card's orientation (LPS: -2)."""
+    return lr_network_axis(card.preprocessing.orientation)
+
+
 class BatchSampler:
     """Seeded batches from a SliceSet: slices with tumour drawn `tumour_weight` times as often, or tumour-free
-    slices making up `empty_share` of the draws when given; random flips."""
+    slices making up `empty_share` of the draws when given; with `flip`, each slice is mirrored left-right with
+    probability 0.5 (`flip_axis`: the network axis that runs left-right, -2 for the canonical LPS slices
+    [h = L-R, w = A-P]; see `flip_axis(card)`)."""
 
     def __init__(self, data: SliceSet, batch_size: int, *, tumour_weight: float = 1.0, flip: bool = True,
-                 seed: int = 0, empty_share: float | None = None):
-        self.data, self.batch_size, self.flip = data, batch_size, flip
+                 seed: int = 0, empty_share: float | None = None, flip_axis: int = -2):
+        if flip_axis not in (-2, -1):
+            raise ValueError(f"flip_axis must be -2 or -1 (an in-plane axis of [N, C, h, w]), got {flip_axis}")
+        self.data, self.batch_size, self.flip, self.flip_axis = data, batch_size, flip, flip_axis
         if empty_share is not None and data.has_tumour.any() and not data.has_tumour.all():
             # tumour-free slices together get probability `empty_share`, tumour slices the rest
             n_t = int(data.has_tumour.sum())
@@ -125,9 +144,8 @@ class BatchSampler:
         img, msk = self.data.images[idx], self.data.masks[idx]
         if self.flip:
             f = self.rng.random(self.batch_size) < 0.5
-            # slices are [.., h, w] = [.., L, P] in the canonical LPS orientation: left-right is axis -2
-            img = np.where(f[:, None, None, None], img[..., ::-1, :], img)
-            msk = np.where(f[:, None, None, None], msk[..., ::-1, :], msk)
+            img = np.where(f[:, None, None, None], np.flip(img, self.flip_axis), img)
+            msk = np.where(f[:, None, None, None], np.flip(msk, self.flip_axis), msk)
         return np.ascontiguousarray(img), np.ascontiguousarray(msk)
 
     def state(self) -> dict:

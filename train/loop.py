@@ -25,7 +25,7 @@ from diffseg_engine.progress import ProgressBar
 from diffseg_engine.schedule import tables_for
 from diffseg_engine.weights import load_weights, read_metadata, save_weights
 
-from .data import BatchSampler, SliceSet, labelled_cases, load_slices, split_cases
+from .data import BatchSampler, SliceSet, flip_axis, labelled_cases, load_slices, split_cases
 from .losses import TorchTables, hybrid_loss, segmentation_loss, x0_loss
 from .presets import build_card, get_preset
 from .unet import UNetModel
@@ -209,7 +209,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
     # wait for the host every step); its state is saved with the run.
     gen = torch.Generator(device).manual_seed(cfg.seed)
     sampler = BatchSampler(train_set, cfg.batch_size, tumour_weight=preset.tumour_weight, flip=cfg.flip,
-                           seed=cfg.seed, empty_share=cfg.empty_share if cfg.empty_share >= 0 else None)
+                           seed=cfg.seed, empty_share=cfg.empty_share if cfg.empty_share >= 0 else None,
+                           flip_axis=flip_axis(card))
     step = 0
     if resume:
         step = _load_state(out / "state.safetensors", model, ema, opt, gen, sampler, device)
@@ -261,7 +262,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
         info = {**recipe, "steps": step, "preset": cfg.preset, "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
                 "ema_rate": cfg.ema_rate, "bf16": bf16, "seed": cfg.seed, "train_cases": cfg.split["train"],
-                "val_cases": cfg.split["val"], **{f"val_{k}": v for k, v in val.items()}}
+                "val_cases": cfg.split["val"],
+                **{f"val_{k}": v for k, v in val.items()}}
         save_weights(out / "model.safetensors", _to_numpy(ema.state_dict()), card.replace(training=info))
         _save_state(out / "state.safetensors", model, ema, opt, gen, sampler, step, card)
         log({"event": "checkpoint", "step": step, **{f"val_{k}": v for k, v in val.items()}})
