@@ -44,11 +44,8 @@ def model(tmp_path_factory) -> Path:
     from diffseg_engine.weights import save_weights
     tmp = tmp_path_factory.mktemp("cohort_model")
     card = build_card(get_preset("tiny"), ("flair",), name="test-cohort").replace(preprocessing=SMALL_PREP)
-    torch.manual_seed(3)
-    net = UNetModel(card.architecture)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    from _perturb import perturbed
+    net = perturbed(UNetModel(card.architecture), seed=3)
     weights = tmp / "cohort.safetensors"
     save_weights(weights, {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}, card)
     return export_onnx(weights, tmp / "cohort.onnx")

@@ -32,6 +32,7 @@ from diffseg_engine.train.reference import reference_sample  # noqa: E402
 from diffseg_engine.train.step import build_step  # noqa: E402
 from diffseg_engine.train.unet import UNetModel  # noqa: E402
 from diffseg_engine.weights import load_weights, save_weights  # noqa: E402
+from _perturb import perturbed  # noqa: E402
 
 SMALL_PREP = Preprocessing(crop_size=224, downsample=14)  # 16x16 network grid
 
@@ -50,11 +51,7 @@ def x0_model(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("x0")
     card = build_card(get_preset("tiny"), ("flair",), name="test-x0", prediction="x0", mask_scale=0.6)
     card = card.replace(preprocessing=SMALL_PREP)
-    torch.manual_seed(4)
-    net = UNetModel(card.architecture)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    net = perturbed(UNetModel(card.architecture), seed=4)
     weights = tmp / "x0.safetensors"
     save_weights(weights, {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}, card)
     return weights, export_onnx(weights, tmp / "x0.onnx")
