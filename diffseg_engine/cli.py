@@ -40,6 +40,7 @@ class Preset(str, Enum):
     paper = "paper"
     cpu = "cpu"
     cpu_fast = "cpu-fast"
+    cpu_small = "cpu-small"
     tiny = "tiny"
 
 

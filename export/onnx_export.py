@@ -3,7 +3,9 @@
 Owns: `export_onnx` (safetensors -> .onnx with a dynamic batch axis, checked by onnx.checker, card and
 content digest in `metadata_props`), `half_precision_step` (the mixed-precision step: convolutions and matmuls
 in fp16 or bf16; normalisation, softmax, timestep embedding, output head and update in fp32),
-`precision_error` (a half step against fp32 on the same inputs) and `check_parity` (onnxruntime vs torch).
+`precision_error` (a half step against fp32 on the same inputs), `check_parity` (onnxruntime vs torch) and
+`store_exact_fp16` (float32 weights that are exactly float16 values stored as float16 behind a Cast: lossless,
+and half the file for weights shipped in fp16).
 Imports: torch, onnx, `diffseg_engine.train.step`, runtime ground floor. Nothing in the runtime imports this
 except `backends.ort.ensure_onnx`, lazily, when the user hands it safetensors weights.
 """
@@ -63,6 +65,39 @@ def example_inputs(card: ModelCard, batch: int, seed: int = 0) -> dict[str, np.n
             "coef": coef, "noise": rng.standard_normal((batch, 1, h, h)).astype(np.float32)}
 
 
+#: initializers smaller than this stay as they are (biases, norms: a Cast node would cost more than it saves)
+_MIN_FP16_ELEMENTS = 256
+
+
+def store_exact_fp16(model) -> int:
+    """Store each float32 initializer of `model.graph` whose values are all exactly float16 values as a float16
+    initializer `NAME.fp16` followed by a `Cast(to=FLOAT)` node that recreates `NAME`, in place.
+
+    Lossless by construction (the Cast reproduces every float32 bit), so the graph computes exactly what it did;
+    onnxruntime folds the Cast at session start. Weights trained in fp32 are not fp16 values and stay float32;
+    the shipped default's weights are fp16-rounded, so its file halves. Returns the bytes saved."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph, saved, casts = model.graph, 0, []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT or init.data_location == TensorProto.EXTERNAL:
+            continue
+        w = numpy_helper.to_array(init)
+        if w.size < _MIN_FP16_ELEMENTS or not np.all(np.isfinite(w)):
+            continue
+        half = w.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32).view(np.uint32), w.view(np.uint32)):
+            continue  # not exactly representable (or a -0/+0 difference): keep float32
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, f"{name}.fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], to=TensorProto.FLOAT,
+                                      name=f"{name}.to_fp32"))
+        saved += w.nbytes - half.nbytes
+    nodes = casts + list(graph.node)  # the Casts first: the node list stays topologically sorted
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return saved
+
+
 def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path, precision: str = "fp32") -> Path:
     """Trace `step` to ONNX at `out` (atomically), dynamic batch, card and `precision` in metadata_props;
     onnx.checker'd. `step` must already be in `precision` (`half_precision_step`)."""
@@ -84,6 +119,7 @@ def export_step_module(step: DenoisingStep, card: ModelCard, out: str | Path, pr
         if precision == "bf16":
             model.opset_import[0].version = BF16_OPSET
             model.ir_version = max(model.ir_version, 10)
+        store_exact_fp16(model)
         onnx.checker.check_model(model, full_check=precision == "bf16")
         del model.metadata_props[:]
         for k, v in {CARD_KEY: card.to_json(), "diffseg_graph": "denoising_step",

@@ -577,3 +577,41 @@ def test_segment_cli_runs_without_torch(shared_data, models, tmp_path):
     for kind in ("mean", "variance", "mask"):
         assert (out / f"BraTS18_CBICA_ATV_{kind}.nii.gz").is_file()
     assert json.loads((out / "BraTS18_CBICA_ATV_provenance.json").read_text())["backend"]["backend"] == "onnxruntime"
+
+
+def test_fp16_rounded_weights_are_stored_half_size_in_the_onnx_and_compute_bit_identically(tiny_model, tmp_path):
+    """The shipped default's weights are fp16 values: its ONNX stores them as float16 behind Cast nodes
+    (half the file), losslessly; weights that are not fp16 values (an fp32 training run) stay float32."""
+    weights, fp32_onnx = tiny_model
+    tensors, card = load_weights(weights)
+    half = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in tensors.items()}
+    save_weights(tmp_path / "half.safetensors", half, card)
+    as_fp32 = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in half.items()}
+    save_weights(tmp_path / "rounded32.safetensors", as_fp32, card)
+    compact = export_onnx(tmp_path / "half.safetensors", tmp_path / "half.onnx")
+    model = onnx.load(str(compact))
+    fp16_inits = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert fp16_inits and all(i.name.endswith(".fp16") for i in fp16_inits)
+    assert sum(n.op_type == "Cast" and n.input[0].endswith(".fp16") for n in model.graph.node) == len(fp16_inits)
+    # the fp32 training run's weights (random, not fp16 values): nothing converted
+    assert not [i for i in onnx.load(str(fp32_onnx)).graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    # the same fp16-rounded values stored as float32 in safetensors export to the same compact graph
+    same = export_onnx(tmp_path / "rounded32.safetensors", tmp_path / "rounded32.onnx")
+    assert same.stat().st_size == compact.stat().st_size
+    ex = example_inputs(card, 3, seed=4)
+    got = OnnxRuntimeBackend.load(compact, device="cpu").infer(**ex)
+    with torch.no_grad():
+        ref = build_step(card, as_fp32)(*(torch.from_numpy(ex[k]) for k in ("image", "x_t", "timestep", "coef",
+                                                                            "noise"))).numpy()
+    assert np.abs(got - ref).max() < 1e-5
+    # and bit-identical to an export that kept every initializer float32
+    import diffseg_engine.export.onnx_export as ox
+    keep = ox._MIN_FP16_ELEMENTS
+    try:
+        ox._MIN_FP16_ELEMENTS = 1 << 62
+        plain = export_onnx(tmp_path / "half.safetensors", tmp_path / "plain.onnx")
+    finally:
+        ox._MIN_FP16_ELEMENTS = keep
+    halved = sum(2 * int(np.prod(i.dims)) for i in fp16_inits)  # bytes the float16 storage saves
+    assert plain.stat().st_size - compact.stat().st_size > 0.9 * halved
+    np.testing.assert_array_equal(OnnxRuntimeBackend.load(plain, device="cpu").infer(**ex), got)
