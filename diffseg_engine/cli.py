@@ -465,7 +465,8 @@ def segment(
     if len(inputs or []) == 1 and not modality and is_cohort_source(inputs[0]):
         _segment_cohort(inputs[0], out, model_path, plan, n=n, seed=seed, batch_size=batch_size,
                         save_samples=save_samples, overwrite=overwrite, quiet=quiet, backend=backend.value,
-                        device=device, num_parts=num_parts, part_id=part_id, ray=ray)
+                        device=device, num_parts=num_parts, part_id=part_id, ray=ray, threads=threads,
+                        output_format=output_format.value, force=force)
         return
     if num_parts != 1 or part_id != 0 or ray is not None:
         from .errors import UsageError
@@ -489,14 +490,14 @@ def segment(
 
 def _segment_cohort(source: Path, out: Path, model_path: Path, plan, *, n: int, seed: int, batch_size: int,
                     save_samples: bool, overwrite: bool, quiet: bool, backend: str, device: str, num_parts: int,
-                    part_id: int, ray: Optional[str]) -> None:
+                    part_id: int, ray: Optional[str], threads: int, output_format: str, force: bool) -> None:
     from .cohort import RunSettings, segment_cohort
     from .errors import CasesFailedError
     settings = RunSettings(n=n, plan=plan, seed=seed, batch_size=batch_size, save_samples=save_samples,
-                           overwrite=overwrite)
+                           overwrite=overwrite, output_format=output_format, force=force)
     res = segment_cohort(source, out, model_path, settings, backend=backend, device=device, num_parts=num_parts,
                          part_id=part_id, use_ray=ray is not None, ray_address=ray,
-                         quiet=quiet, command=" ".join(sys.argv))
+                         quiet=quiet, command=" ".join(sys.argv), threads=threads)
     counts = res.counts()
     typer.echo(f"{counts['done']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
                f"summary: {res.summary['md']}")

@@ -65,6 +65,8 @@ class RunSettings:
     save_samples: bool = False
     overview: bool = True
     overwrite: bool = False
+    output_format: str = "nifti"  # `segment.OUTPUT_FORMATS`
+    force: bool = False  # segment inputs that fail the input checks (recorded in each provenance)
 
     def describe(self) -> dict:
         return {**self.plan.describe(), "n": self.n, "seed": self.seed, "batch_size": self.batch_size,
@@ -263,20 +265,20 @@ def run_case(entry: CohortEntry, backend: StepBackend, out_dir: str | Path, sett
         model_sha = model_sha256(backend)
     if not settings.overwrite:
         prov = finished_run(out_dir, entry.case_id, card, backend.name, settings.plan, settings.n, settings.seed,
-                            settings.save_samples, model_sha)
+                            settings.save_samples, model_sha, settings.output_format)
         if prov is not None:
             status = CaseStatus(entry.case_id, "skipped", entry.source, "finished earlier by the same run",
                                 time.perf_counter() - t0, prov)
             _record(out_dir, status)
             return status
     try:
-        case = resolve_case(list(entry.inputs), list(entry.modality_args), card)
+        case = resolve_case(list(entry.inputs), list(entry.modality_args), card, force=settings.force)
         if case.case_id != entry.case_id:  # e.g. a 4D file named <id>.nii.gz: keep the cohort's id
             case.case_id = entry.case_id
         res = segment_case(case, backend, out_dir, n=settings.n, plan=settings.plan, seed=settings.seed,
                            batch_size=settings.batch_size, overwrite=settings.overwrite, quiet=quiet,
                            save_samples=settings.save_samples, overview=settings.overview, command=command,
-                           progress_factory=progress_factory)
+                           progress_factory=progress_factory, output_format=settings.output_format)
     except DiffsegError as exc:
         status = CaseStatus(entry.case_id, "failed", entry.source, f"{type(exc).__name__}: {exc}",
                             time.perf_counter() - t0)
@@ -456,7 +458,7 @@ def write_summary(cohort: Sequence[CohortEntry], out_dir: str | Path, statuses: 
 def segment_cohort(source: str | Path, out_dir: str | Path, model: str | Path, settings: RunSettings, *,
                    backend: str = "onnxruntime", device: str = "auto", num_parts: int = 1, part_id: int = 0,
                    ray_address: str | None = None, use_ray: bool = False, quiet: bool = False,
-                   command: str = "") -> CohortResult:
+                   command: str = "", threads: int = 0) -> CohortResult:
     """What `diffseg-engine segment INPUT_DIR|LIST --out OUT` does: list the cohort, take part `part_id` of
     `num_parts`, check `out_dir`, then load the model once and segment the part's cases (in this process, or
     on Ray with `use_ray`: `cohort_ray.run_cohort_ray`), and write the summary of the whole cohort.
@@ -471,5 +473,5 @@ def segment_cohort(source: str | Path, out_dir: str | Path, model: str | Path, s
         return run_cohort_ray(part, model, out_dir, settings, cohort=cohort, backend=backend, device=device,
                               address=ray_address, quiet=quiet, command=command)
     from .segment import open_model
-    eng = open_model(model, backend, device)
+    eng = open_model(model, backend, device, threads=threads)
     return run_cohort(part, eng, out_dir, settings, cohort=cohort, quiet=quiet, command=command)

@@ -16,6 +16,7 @@ class DiffsegError(Exception):
     def __init__(self, message: str, *, path: object | None = None, fix: str | None = None):
         self.path = None if path is None else str(path)
         self.fix = fix
+        self.message = message.rstrip(".")  # without the file and the fix
         parts = []
         if self.path:
             parts.append(f"{self.path}: ")

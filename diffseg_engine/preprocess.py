@@ -32,6 +32,7 @@ come in from `nifti_io`; `geometry` uses nibabel.orientations), torch or onnxrun
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,6 +41,8 @@ import numpy as np
 from . import geometry as G
 from .card import Preprocessing
 from .errors import InputImageError, UsageError
+
+log = logging.getLogger(__name__)
 
 #: How far outside [0, 1] intensities may lie when the model expects already normalised input.
 NONE_TOLERANCE = 1e-3
@@ -59,7 +62,8 @@ class Geometry:
     (reorientation to the canonical axial stack [S, h, w] and back). plane: the stack's in-plane shape
     (h, w) on the input grid; grid: the same after resampling to `spacing_mm` (= plane when not resampled).
     slice_index: int [S_sel], the processed slices as voxel indices along the input's slice axis `axis`, in
-    network (stack) order. brain: bool [S, h, w], any modality non-zero, on the stack.
+    network (stack) order. brain: bool [S, h, w], any modality non-zero, on the stack. forced: the geometry
+    refusals overridden by ``force=True`` (``"refuse: ..."``), empty normally.
     """
 
     shape: tuple[int, int, int]
@@ -71,6 +75,7 @@ class Geometry:
     downsample: int
     slice_index: np.ndarray
     brain: np.ndarray
+    forced: tuple[str, ...] = ()
 
     @property
     def image_size(self) -> int:
@@ -314,10 +319,11 @@ def _volumes(images: Sequence[np.ndarray], names: Sequence[object] | None) -> tu
 
 
 def prepare_geometry(images: Sequence[np.ndarray], affine: np.ndarray, prep: Preprocessing, *,
-                     names: Sequence[object] | None = None) -> Geometry:
+                     names: Sequence[object] | None = None, force: bool = False) -> Geometry:
     """The `Geometry` of a case, after every geometry check (orientation, in-plane field of view, brain inside
     the crop window), without touching intensities: the first half of `prepare_case`, cheap enough to run
-    on its own to vet inputs. Arguments as `prepare_case`."""
+    on its own to vet inputs. Arguments as `prepare_case`; `force` turns the crop-window refusal (brain voxels
+    the network would not see) into a warning, recorded in `Geometry.forced`."""
     check_preprocessing(prep)
     vols, names = _volumes(images, names)
     shape = tuple(int(n) for n in vols[0].shape)
@@ -331,15 +337,22 @@ def prepare_geometry(images: Sequence[np.ndarray], affine: np.ndarray, prep: Pre
         raise InputImageError("every modality is zero everywhere: no brain to segment", path=names[0])
     plane = (brain.shape[1], brain.shape[2])
     check_plane(plane, prep, zooms=frame.zooms, source=names[0])
-    check_brain_window(brain, frame.zooms, prep, source=names[0])
+    forced: tuple[str, ...] = ()
+    try:
+        check_brain_window(brain, frame.zooms, prep, source=names[0])
+    except InputImageError as exc:
+        if not force:
+            raise
+        forced = (f"refuse: {exc.message}",)
+        log.warning("%s: %s (--force: segmenting the central window anyway)", names[0] or "input", exc.message)
     grid = tuple(G.resampled_size(n, z, prep.spacing_mm) for n, z in zip(plane, frame.zooms))
     return Geometry(shape=shape, frame=frame, plane=plane, grid=grid, spacing_mm=float(prep.spacing_mm),
                     crop_size=prep.crop_size, downsample=prep.downsample, slice_index=frame.input_slices(sel),
-                    brain=brain)
+                    brain=brain, forced=forced)
 
 
 def prepare_case(images: Sequence[np.ndarray], affine: np.ndarray, prep: Preprocessing, *,
-                 names: Sequence[object] | None = None) -> PreparedCase:
+                 names: Sequence[object] | None = None, force: bool = False) -> PreparedCase:
     """Modality volumes (all the same 3D shape [X, Y, Z]; 2D [X, Y] taken as [X, Y, 1]) -> network input.
 
     affine: the 4x4 voxel -> world matrix shared by the images. names: optional file names for errors.
@@ -347,7 +360,7 @@ def prepare_case(images: Sequence[np.ndarray], affine: np.ndarray, prep: Preproc
     stack order (inferior to superior for an orientation ending in S). The geometry checks
     (`prepare_geometry`) run before any intensity work, so a refusal is quick.
     """
-    geometry = prepare_geometry(images, affine, prep, names=names)
+    geometry = prepare_geometry(images, affine, prep, names=names, force=force)
     vols, names = _volumes(images, names)
     sel = geometry.stack_index
     size = prep.crop_size // prep.downsample

@@ -167,13 +167,15 @@ def resolve_case(inputs: Sequence[Path], modality_args: Sequence[str], card: Mod
     case = CaseInput(case_id=case_id or "case", images=loaded, reference=loaded[0],
                      sources={m: str(files[m]) for m in need})
     if prepare:
-        t0 = time.perf_counter()
-        case.prepared = prepare_case([im.data for im in loaded], loaded[0].affine, card.preprocessing,
-                                     names=[im.path for im in loaded])  # errors name the file at fault
-        case.prepare_s = time.perf_counter() - t0
+        # what the image is (skull-stripped? the model's modality?) before where it lies: a native head scan
+        # hears "not skull-stripped", the cause, rather than "beyond the crop window", its consequence
         verdicts = check_case([im.data for im in loaded], loaded[0].affine, loaded[0].image.header.get_zooms()[:3],
                               need, card.preprocessing, names=[im.path for im in loaded], force=force)
-        case.forced = [v for v in verdicts if v.startswith("refuse: ")]
+        t0 = time.perf_counter()
+        case.prepared = prepare_case([im.data for im in loaded], loaded[0].affine, card.preprocessing,
+                                     names=[im.path for im in loaded], force=force)  # errors name the file
+        case.prepare_s = time.perf_counter() - t0
+        case.forced = [v for v in verdicts if v.startswith("refuse: ")] + list(case.prepared.geometry.forced)
         case.warnings = [v for v in verdicts if v.startswith("warn: ")]
     return case
 
@@ -362,10 +364,11 @@ def model_sha256(backend: StepBackend) -> str | None:
 
 
 def finished_run(out_dir: str | Path, case_id: str, card: ModelCard, backend_name: str, plan: SamplingPlan, n: int,
-                 seed: int, save_samples: bool, model_sha: str | None) -> dict | None:
+                 seed: int, save_samples: bool, model_sha: str | None, output_format: str = "nifti") -> dict | None:
     """The provenance of a finished run of `case_id` in `out_dir` that is the same run (`run_identity`) as the
-    one these parameters would start, its inputs (the files it recorded) unchanged; else None. Reads no image:
-    only the provenance JSON and the sha256 of the recorded input files."""
+    one these parameters would start, its inputs (the files it recorded) unchanged, and every file of
+    `output_format` there; else None. Reads no image: only the provenance JSON and the sha256 of the recorded
+    input files."""
     path = output_paths(Path(out_dir), case_id)["provenance"]
     try:
         prov = json.loads(path.read_text())
@@ -377,6 +380,8 @@ def finished_run(out_dir: str | Path, case_id: str, card: ModelCard, backend_nam
     maps = output_paths(Path(out_dir), case_id)
     if not all(maps[k].is_file() for k in ("mean", "variance", "mask")):
         return None
+    if output_format == "qubrats" and not all(p.is_file() for p in submission_paths(Path(out_dir), case_id).values()):
+        return None  # finished as plain maps; the submission files are still to be written
     want = run_identity(case_id, card, backend_name, plan, n, seed, save_samples,
                         {m: _sha256(p) for m, p in inputs.items()}, model_sha)
     return prov if prov.get("run") == json.loads(json.dumps(want)) else None

