@@ -33,7 +33,10 @@ runner = CliRunner()
 
 #: Runs the CLI with every engine call slowed down, so that a test can interrupt it between chunks.
 SLOW_CLI = (
-    "import sys, time\n"
+    "import signal, sys, time\n"
+    # a shell that starts pytest in the background (`make test &`) hands its children SIGINT ignored: restore
+    # the default, which Python turns into KeyboardInterrupt, so the SIGINT test means what it says
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "from diffseg_engine.backends.ort import OnnxRuntimeBackend\n"
     "real = OnnxRuntimeBackend.infer\n"
     "def slow(self, *a):\n"
