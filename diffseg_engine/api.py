@@ -16,10 +16,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import InputImageError, MissingModalityError, UsageError
+from .lesions import DEFAULT_MIN_COMPONENT, lesion_mask
 from .noise import NoiseStreams
 from .options import check_sampling_options
 from .preprocess import prepare_case, restore
 from .sampler import chosen_plan, sample_ensemble
+from .sanity import check_case
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Segmentation:
     case_id: str
     mean: np.ndarray  # float32 in [0, 1]: mean over members of each member's mask
     variance: np.ndarray  # float32 in [0, 0.25]: population variance over members
-    mask: np.ndarray  # uint8 {0, 1}: mean > 0.5
+    mask: np.ndarray  # uint8 {0, 1}: mean > 0.5 without components under min_component of the largest
     affine: np.ndarray  # [4, 4] voxel -> world, the input's
     lesion: dict  # `segment.lesion_summary`: lesion_ml, mean_variance_in_lesion, uncertain_ml, ...
     settings: dict  # sampler, steps, eta, n, seed, backend, device
@@ -54,14 +56,19 @@ class Segmenter:
 
     model: a .onnx or .safetensors file (None: the shipped default). sampler, steps, eta: None takes the
     model card's. n: members per slice. seed and the case id decide the noise: same seed, same maps.
+    min_component: the mask's clean-up (`lesions.lesion_mask`; 0 keeps every component). force: segment
+    volumes that fail the input checks (not skull-stripped, not the model's modality, brain beyond the crop
+    window) with a logged warning instead of `InputImageError`.
     """
 
     def __init__(self, model: str | Path | None = None, *, n: int = 5, sampler: str | None = None,
                  steps: int | None = None, eta: float | None = None, seed: int = 0, batch_size: int = 0,
-                 backend: str = "onnxruntime", device: str = "auto"):
+                 backend: str = "onnxruntime", device: str = "auto",
+                 min_component: float = DEFAULT_MIN_COMPONENT, force: bool = False):
         from .segment import default_model, open_model
         check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
-                               backend=backend, device=device)
+                               backend=backend, device=device, min_component=min_component)
+        self.min_component, self.force = float(min_component), bool(force)
         self.model = Path(model) if model is not None else default_model()
         self.engine = open_model(self.model, backend, device)
         self.card = self.engine.card
@@ -90,7 +97,8 @@ class Segmenter:
         seed = self.seed if seed is None else seed
         check_sampling_options(n=n, seed=seed, batch_size=self.batch_size)
         vols, affine = self._volumes(image, affine)
-        prepared = prepare_case(vols, affine, self.card.preprocessing)
+        check_case(vols, affine, _zooms(affine), self.modalities, self.card.preprocessing, force=self.force)
+        prepared = prepare_case(vols, affine, self.card.preprocessing, force=self.force)
         S = len(prepared.inputs)
         from .segment import default_batch_size, lesion_summary
         bs = self.batch_size or default_batch_size(self.card, S * n, self.engine.device)
@@ -100,10 +108,12 @@ class Segmenter:
                                 card=self.card, batch_size=bs)
         mean = restore(prepared, stats.mean).astype(np.float32)
         variance = restore(prepared, stats.variance).astype(np.float32)
-        mask = (mean > 0.5).astype(np.uint8)
+        cleaned = lesion_mask(mean, _zooms(affine), min_component=self.min_component)
+        mask = cleaned.mask
         return Segmentation(case_id, mean, variance, mask, np.asarray(affine, np.float64),
                             lesion_summary(mask, variance, _zooms(affine)),
-                            {**self.plan.describe(), "n": n, "seed": seed, **self.engine.describe()})
+                            {**self.plan.describe(), "n": n, "seed": seed, **self.engine.describe(),
+                             "min_component": self.min_component, "mask_cleanup": cleaned.describe()})
 
     def _volumes(self, image: Any, affine: np.ndarray | None) -> tuple[list[np.ndarray], np.ndarray]:
         need = self.modalities
@@ -157,11 +167,12 @@ class Segmenter:
         returns `segment.SegmentResult`."""
         from .segment import check_output, resolve_case, segment_case
         inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-        case = resolve_case([Path(p) for p in inputs], list(modality), self.card)
+        case = resolve_case([Path(p) for p in inputs], list(modality), self.card, force=self.force)
         check_output(out_dir, case, overwrite=overwrite)
         return segment_case(case, self.engine, Path(out_dir), n=self.n, plan=self.plan, seed=self.seed,
                             batch_size=self.batch_size, overwrite=overwrite, quiet=quiet,
-                            save_samples=save_samples, overview=overview, command="diffseg_engine.api")
+                            save_samples=save_samples, overview=overview, command="diffseg_engine.api",
+                            min_component=self.min_component)
 
     def segment_cohort(self, source: str | Path, out_dir: str | Path, *, overwrite: bool = False,
                        save_samples: bool = False, overview: bool = True, num_parts: int = 1, part_id: int = 0,
@@ -172,7 +183,8 @@ class Segmenter:
         cohort = list_cohort(source)
         check_cohort_output(out_dir, cohort)
         settings = RunSettings(n=self.n, plan=self.plan, seed=self.seed, batch_size=self.batch_size,
-                               save_samples=save_samples, overview=overview, overwrite=overwrite)
+                               save_samples=save_samples, overview=overview, overwrite=overwrite,
+                               min_component=self.min_component, force=self.force)
         return run_cohort(select_part(cohort, num_parts, part_id), self.engine, out_dir, settings, cohort=cohort,
                           quiet=quiet, command="diffseg_engine.api")
 
@@ -181,10 +193,10 @@ def segment_paths(inputs: str | Path | Sequence[str | Path], out_dir: str | Path
                   **options: Any):
     """Files in, files out, in one call: a cohort (a folder of cases or a list file) gives a
     `cohort.CohortResult`, one case (a case folder, a 3D or 4D file) a `segment.SegmentResult`. options:
-    those of `Segmenter` (n, sampler, steps, eta, seed, batch_size, backend, device) and of its
-    `segment_files` / `segment_cohort` (overwrite, save_samples, overview, ...)."""
+    those of `Segmenter` (n, sampler, steps, eta, seed, batch_size, backend, device, min_component, force)
+    and of its `segment_files` / `segment_cohort` (overwrite, save_samples, overview, ...)."""
     from .cohort import is_cohort_source
-    keys = ("n", "sampler", "steps", "eta", "seed", "batch_size", "backend", "device")
+    keys = ("n", "sampler", "steps", "eta", "seed", "batch_size", "backend", "device", "min_component", "force")
     seg = Segmenter(model, **{k: options.pop(k) for k in keys if k in options})
     single = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if len(single) == 1 and not options.get("modality") and is_cohort_source(single[0]):

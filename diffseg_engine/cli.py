@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
+from .lesions import DEFAULT_MIN_COMPONENT
 from .errors import DiffsegError, exit_code_help
 
 
@@ -441,6 +442,10 @@ def segment(
              "also the QU-BraTS submission CASE.nii.gz (whole tumour as label 2; tumour core and enhancing "
              "tumour are not modelled) and CASE_unc_whole.nii.gz (uint8 0-100 = 100 x entropy of the mean)."),
     save_samples: bool = typer.Option(False, "--save-samples", help="Also write every member's mask (4D uint8)."),
+    min_component: float = typer.Option(
+        DEFAULT_MIN_COMPONENT, "--min-component",
+        help="Mask clean-up: drop connected components smaller than this share of the largest (0: keep all). "
+             "The mean and variance maps keep them."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results already in --out."),
     force: bool = typer.Option(False, "--force", help="Segment inputs that fail the input checks (not skull-stripped, "
                                                        "not the model's modality): a warning instead of a refusal, "
@@ -454,7 +459,7 @@ def segment(
 ) -> None:
     from .backends.base import read_card
     _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
-                            threads=threads)
+                            threads=threads, min_component=min_component)
     from .sampler import chosen_plan
     from .segment import check_output, default_model, open_model, resolve_case, segment_case
     quiet = _quiet(quiet)
@@ -466,7 +471,7 @@ def segment(
         _segment_cohort(inputs[0], out, model_path, plan, n=n, seed=seed, batch_size=batch_size,
                         save_samples=save_samples, overwrite=overwrite, quiet=quiet, backend=backend.value,
                         device=device, num_parts=num_parts, part_id=part_id, ray=ray, threads=threads,
-                        output_format=output_format.value, force=force)
+                        output_format=output_format.value, force=force, min_component=min_component)
         return
     if num_parts != 1 or part_id != 0 or ray is not None:
         from .errors import UsageError
@@ -478,7 +483,7 @@ def segment(
     try:
         res = segment_case(case, eng, out, n=n, plan=plan, seed=seed, batch_size=batch_size, overwrite=overwrite,
                            quiet=quiet, save_samples=save_samples, command=" ".join(sys.argv),
-                           output_format=output_format.value)
+                           output_format=output_format.value, min_component=min_component)
     except KeyboardInterrupt:
         typer.echo(f"interrupted: finished chunks are kept in {out}; run the same command again to resume", err=True)
         raise typer.Exit(130)
@@ -490,11 +495,13 @@ def segment(
 
 def _segment_cohort(source: Path, out: Path, model_path: Path, plan, *, n: int, seed: int, batch_size: int,
                     save_samples: bool, overwrite: bool, quiet: bool, backend: str, device: str, num_parts: int,
-                    part_id: int, ray: Optional[str], threads: int, output_format: str, force: bool) -> None:
+                    part_id: int, ray: Optional[str], threads: int, output_format: str, force: bool,
+                    min_component: float) -> None:
     from .cohort import RunSettings, segment_cohort
     from .errors import CasesFailedError
     settings = RunSettings(n=n, plan=plan, seed=seed, batch_size=batch_size, save_samples=save_samples,
-                           overwrite=overwrite, output_format=output_format, force=force)
+                           overwrite=overwrite, output_format=output_format, force=force,
+                           min_component=min_component)
     res = segment_cohort(source, out, model_path, settings, backend=backend, device=device, num_parts=num_parts,
                          part_id=part_id, use_ray=ray is not None, ray_address=ray,
                          quiet=quiet, command=" ".join(sys.argv), threads=threads)
@@ -509,14 +516,15 @@ def _segment_cohort(source: Path, out: Path, model_path: Path, plan, *, n: int, 
 
 
 def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_size: int, eta: Optional[float],
-                            device: str, threads: int = 0) -> None:
+                            device: str, threads: int = 0, min_component: float = 0.0) -> None:
     """`UsageError` for option values that cannot work, before any file is opened (the checks live in
     `options`, shared with the Python API; choices are enums here)."""
     from .errors import UsageError
     from .options import check_sampling_options
     if threads < 0:
         raise UsageError(f"--threads must be at least 1 (or 0 for automatic), got {threads}")
-    check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device)
+    check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
+                           min_component=min_component)
 
 
 @app.command()
@@ -588,7 +596,7 @@ def demo(
     case = resolve_case([DEMO_INPUT], [], eng.card)
     res = segment_case(case, eng, out, n=n, plan=chosen_plan(eng.card), seed=seed,
                        overwrite=True, quiet=_quiet(quiet), command=" ".join(sys.argv))
-    typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels (mask > 0.5), "
+    typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels, "
                f"sampling {res.provenance['timings']['sampling_s']:.0f} s on {res.provenance['backend']['device']}")
     for k, p in res.outputs.items():
         typer.echo(f"  {k:<10} {p}")

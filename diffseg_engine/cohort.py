@@ -26,6 +26,7 @@ from .backends.base import StepBackend
 from .cases import classify_file, find_case
 from .errors import (DatasetError, DiffsegError, MissingModalityError, OutputBusyError, OutputError,
                      UsageError)
+from .lesions import DEFAULT_MIN_COMPONENT
 from .progress import ProgressBar
 from .sampler import SamplingPlan
 
@@ -67,10 +68,11 @@ class RunSettings:
     overwrite: bool = False
     output_format: str = "nifti"  # `segment.OUTPUT_FORMATS`
     force: bool = False  # segment inputs that fail the input checks (recorded in each provenance)
+    min_component: float = DEFAULT_MIN_COMPONENT  # mask clean-up (`lesions.lesion_mask`)
 
     def describe(self) -> dict:
         return {**self.plan.describe(), "n": self.n, "seed": self.seed, "batch_size": self.batch_size,
-                "save_samples": self.save_samples}
+                "save_samples": self.save_samples, "min_component": self.min_component}
 
 
 @dataclass
@@ -265,7 +267,7 @@ def run_case(entry: CohortEntry, backend: StepBackend, out_dir: str | Path, sett
         model_sha = model_sha256(backend)
     if not settings.overwrite:
         prov = finished_run(out_dir, entry.case_id, card, backend.name, settings.plan, settings.n, settings.seed,
-                            settings.save_samples, model_sha, settings.output_format)
+                            settings.save_samples, model_sha, settings.output_format, settings.min_component)
         if prov is not None:
             status = CaseStatus(entry.case_id, "skipped", entry.source, "finished earlier by the same run",
                                 time.perf_counter() - t0, prov)
@@ -278,7 +280,8 @@ def run_case(entry: CohortEntry, backend: StepBackend, out_dir: str | Path, sett
         res = segment_case(case, backend, out_dir, n=settings.n, plan=settings.plan, seed=settings.seed,
                            batch_size=settings.batch_size, overwrite=settings.overwrite, quiet=quiet,
                            save_samples=settings.save_samples, overview=settings.overview, command=command,
-                           progress_factory=progress_factory, output_format=settings.output_format)
+                           progress_factory=progress_factory, output_format=settings.output_format,
+                           min_component=settings.min_component)
     except DiffsegError as exc:
         status = CaseStatus(entry.case_id, "failed", entry.source, f"{type(exc).__name__}: {exc}",
                             time.perf_counter() - t0)

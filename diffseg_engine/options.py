@@ -16,9 +16,13 @@ from .sampler import SAMPLERS
 
 def check_sampling_options(*, n: int = 1, steps: int | None = None, seed: int = 0, batch_size: int = 0,
                            sampler: str | None = None, eta: float | None = None, backend: str = "onnxruntime",
-                           device: str = "auto") -> None:
+                           device: str = "auto", min_component: float = 0.0) -> None:
     """`UsageError` for option values that cannot work (n >= 1, steps >= 1, seed in [0, 2**63), batch size
-    >= 0 (0: automatic), a known sampler, eta in [0, 1], a known backend and device)."""
+    >= 0 (0: automatic), a known sampler, eta in [0, 1], a known backend and device, a mask clean-up share
+    in [0, 1))."""
+    if not 0.0 <= min_component < 1.0:  # also refuses NaN
+        raise UsageError(f"--min-component must lie in [0, 1), got {min_component}",
+                         fix="give a share of the largest lesion component, e.g. 0.02; 0 keeps every component")
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     if steps is not None and steps < 1:

@@ -30,9 +30,11 @@ from .backends.base import StepBackend, open_backend
 from .card import ModelCard
 from .cases import canonical_modality, classify_file, find_case
 from .errors import BatchMemoryError, InputImageError, MissingModalityError, OutputError, UsageError
+from .lesions import DEFAULT_MIN_COMPONENT, lesion_mask
 from .lock import OutputLock
 from .noise import NoiseStreams
 from .nifti_io import LoadedImage, encode_like, load_image
+from .options import check_sampling_options
 from .partial import PartialRun, describe_mismatch
 from .preprocess import PreparedCase, prepare_case, restore
 from .progress import ProgressBar
@@ -333,22 +335,24 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def run_identity(case_id: str, card: ModelCard, backend_name: str, plan: SamplingPlan, n: int, seed: int,
-                 save_samples: bool, input_sha: dict[str, str], model_sha: str | None) -> dict:
+                 save_samples: bool, input_sha: dict[str, str], model_sha: str | None,
+                 min_component: float = DEFAULT_MIN_COMPONENT) -> dict:
     """What makes two runs of a case "the same run" (the one definition): engine version, case, the inputs'
-    and the model's sha256, the model card, the backend, sampler/steps/eta, n, seed and whether member masks
-    are kept. A resumed run must match it (with the slices, `_fingerprint`); a finished one that matches it
+    and the model's sha256, the model card, the backend, sampler/steps/eta, n, seed, whether member masks
+    are kept and the mask's component clean-up (`lesions.lesion_mask`). A resumed run must match it (with the slices, `_fingerprint`); a finished one that matches it
     is skipped by a cohort run (`finished_run`). Recorded in the provenance JSON as ``run``."""
     return {
         "format": 1, "engine": __version__, "case_id": case_id, "inputs_sha256": dict(input_sha),
         "model_sha256": model_sha, "card_sha256": hashlib.sha256(card.to_json().encode()).hexdigest(),
         "backend": backend_name, **plan.describe(), "n": int(n), "seed": int(seed),
-        "save_samples": bool(save_samples),
+        "save_samples": bool(save_samples), "min_component": float(min_component),
     }
 
 
 def _fingerprint(case: CaseInput, backend: StepBackend, plan: SamplingPlan, n: int, seed: int,
                  save_samples: bool, input_sha: dict[str, str], model_sha: str | None) -> dict:
-    """Everything that decides the maps: a resumed run must match it exactly."""
+    """Everything that decides the sampled chunks: a resumed run must match it exactly. The mask clean-up
+    (`min_component`) comes after sampling, so a resume may change it (it keeps its default here)."""
     prepared = case.prepared
     return {
         **run_identity(case.case_id, backend.card, backend.name, plan, n, seed, save_samples, input_sha, model_sha),
@@ -364,7 +368,8 @@ def model_sha256(backend: StepBackend) -> str | None:
 
 
 def finished_run(out_dir: str | Path, case_id: str, card: ModelCard, backend_name: str, plan: SamplingPlan, n: int,
-                 seed: int, save_samples: bool, model_sha: str | None, output_format: str = "nifti") -> dict | None:
+                 seed: int, save_samples: bool, model_sha: str | None, output_format: str = "nifti",
+                 min_component: float = DEFAULT_MIN_COMPONENT) -> dict | None:
     """The provenance of a finished run of `case_id` in `out_dir` that is the same run (`run_identity`) as the
     one these parameters would start, its inputs (the files it recorded) unchanged, and every file of
     `output_format` there; else None. Reads no image: only the provenance JSON and the sha256 of the recorded
@@ -383,7 +388,7 @@ def finished_run(out_dir: str | Path, case_id: str, card: ModelCard, backend_nam
     if output_format == "qubrats" and not all(p.is_file() for p in submission_paths(Path(out_dir), case_id).values()):
         return None  # finished as plain maps; the submission files are still to be written
     want = run_identity(case_id, card, backend_name, plan, n, seed, save_samples,
-                        {m: _sha256(p) for m, p in inputs.items()}, model_sha)
+                        {m: _sha256(p) for m, p in inputs.items()}, model_sha, min_component)
     return prov if prov.get("run") == json.loads(json.dumps(want)) else None
 
 
@@ -410,8 +415,9 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
                  seed: int = 0, batch_size: int = 0, overwrite: bool = False, quiet: bool = False,
                  save_samples: bool = False, overview: bool = True, command: str = "",
                  progress_factory: Callable[..., ProgressBar] = ProgressBar,
-                 output_format: str = "nifti") -> SegmentResult:
-    """Sample an ensemble of `n` masks for every brain slice of `case` and write the maps to `out_dir`.
+                 output_format: str = "nifti", min_component: float = DEFAULT_MIN_COMPONENT) -> SegmentResult:
+    """Sample an ensemble of `n` masks for every brain slice of `case` and write the maps to `out_dir`; the
+    mask drops components under `min_component` of the largest (`lesions.lesion_mask`; 0 keeps all).
 
     Runs under an exclusive lock on this case's outputs (`OutputBusyError` if another run holds it). Each
     finished chunk is saved in ``out_dir/.<case>.partial/``; a later call with the same parameters resumes
@@ -429,6 +435,7 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
         raise UsageError(f"--seed must lie in [0, 2**63), got {seed}")
     if batch_size < 0:
         raise UsageError(f"--batch-size must be positive (0: automatic), got {batch_size}")
+    check_sampling_options(min_component=min_component)
     out_dir = Path(out_dir)
     check_output(out_dir, case, overwrite=overwrite)
     if case.prepared is None:
@@ -443,7 +450,8 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
             return _segment_locked(case, backend, out_dir, partial, n=n, plan=plan, seed=seed,
                                    batch_size=batch_size, overwrite=overwrite, quiet=quiet,
                                    save_samples=save_samples, overview=overview, command=command,
-                                   progress_factory=progress_factory, output_format=output_format)
+                                   progress_factory=progress_factory, output_format=output_format,
+                                   min_component=min_component)
     finally:
         _remove_empty(created)  # only where nothing (no finished result, no unfinished work) was left
 
@@ -451,7 +459,8 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
 def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partial: PartialRun, *, n: int,
                     plan: SamplingPlan, seed: int, batch_size: int, overwrite: bool, quiet: bool,
                     save_samples: bool, overview: bool, command: str,
-                    progress_factory: Callable[..., ProgressBar], output_format: str = "nifti") -> SegmentResult:
+                    progress_factory: Callable[..., ProgressBar], output_format: str = "nifti",
+                    min_component: float = DEFAULT_MIN_COMPONENT) -> SegmentResult:
     card = backend.card
     paths = output_paths(out_dir, case.case_id)
     _refuse_results(out_dir, case.case_id, overwrite)  # again, now that no other run can be writing
@@ -521,7 +530,8 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     t2 = time.perf_counter()
     mean = restore(prepared, stats.mean).astype(np.float32)
     variance = restore(prepared, stats.variance).astype(np.float32)
-    mask = (mean > 0.5).astype(np.uint8)
+    cleaned = lesion_mask(mean, case.reference.image.header.get_zooms()[:3], min_component=min_component)
+    mask = cleaned.mask
     entropy = binary_entropy(mean).astype(np.float32)
     if output_format == "qubrats":
         paths.update(submission_paths(out_dir, case.case_id))
@@ -557,11 +567,15 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
                      "resumed_from_item": start, "slices": S, "work_items": items},
         "geometry": prepared.geometry.describe(),  # input orientation/spacing and what preprocessing did to them
         "backend": backend.describe(), "versions": _versions(), "timings": timings,
-        "run": run_identity(case.case_id, card, backend.name, plan, n, seed, save_samples, input_sha, model_sha),
+        "run": run_identity(case.case_id, card, backend.name, plan, n, seed, save_samples, input_sha, model_sha,
+                            min_component),
         "lesion": lesion_summary(mask, variance, case.reference.image.header.get_zooms()[:3]),
+        "mask_cleanup": {"min_component": float(min_component), **cleaned.describe()},
         "outputs": {k: str(v.name) for k, v in paths.items() if k != "provenance"}, "command": command,
         "definitions": {"mean": "mean over members of clip((x0-low)/(high-low), 0, 1)",
-                        "variance": "population variance over members of the same", "mask": "mean > 0.5",
+                        "variance": "population variance over members of the same",
+                        "mask": "mean > 0.5, without 26-connected components smaller than min_component x the "
+                                "largest one's voxels (mask_cleanup; the mean map keeps them)",
                         "entropy": "binary entropy of the mean in bits, in [0, 1]: -m log2 m - (1-m) log2 (1-m)",
                         **({"label": f"QU-BraTS label map: {WHOLE_TUMOUR_LABEL} where mask (whole tumour only: "
                                      "tumour core and enhancing tumour are not modelled and stay empty)",
