@@ -54,8 +54,8 @@ class Segmenter:
         out = seg(nib.load("flair.nii.gz"))       # or seg(array, affine)
         out.mean, out.variance, out.mask          # numpy arrays on the input grid
 
-    model: a .onnx or .safetensors file (None: the shipped default). sampler, steps, eta: None takes the
-    model card's. n: members per slice. seed and the case id decide the noise: same seed, same maps.
+    model: a .onnx or .safetensors file (None: the shipped default). sampler, steps, eta, mirror (odd members
+    on the left-right mirror image): None takes the model card's. n: members per slice. seed and the case id decide the noise: same seed, same maps.
     min_component: the mask's clean-up (`lesions.lesion_mask`; 0 keeps every component). force: segment
     volumes that fail the input checks (not skull-stripped, not the model's modality, brain beyond the crop
     window) with a logged warning instead of `InputImageError`.
@@ -64,7 +64,7 @@ class Segmenter:
     def __init__(self, model: str | Path | None = None, *, n: int = 5, sampler: str | None = None,
                  steps: int | None = None, eta: float | None = None, seed: int = 0, batch_size: int = 0,
                  backend: str = "onnxruntime", device: str = "auto",
-                 min_component: float = DEFAULT_MIN_COMPONENT, force: bool = False):
+                 min_component: float = DEFAULT_MIN_COMPONENT, force: bool = False, mirror: bool | None = None):
         from .segment import default_model, open_model
         check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
                                backend=backend, device=device, min_component=min_component)
@@ -72,7 +72,7 @@ class Segmenter:
         self.model = Path(model) if model is not None else default_model()
         self.engine = open_model(self.model, backend, device)
         self.card = self.engine.card
-        self.plan = chosen_plan(self.card, sampler, steps, eta)
+        self.plan = chosen_plan(self.card, sampler, steps, eta, mirror)
         self.n, self.seed, self.batch_size = int(n), int(seed), int(batch_size)
 
     @property
@@ -196,7 +196,8 @@ def segment_paths(inputs: str | Path | Sequence[str | Path], out_dir: str | Path
     those of `Segmenter` (n, sampler, steps, eta, seed, batch_size, backend, device, min_component, force)
     and of its `segment_files` / `segment_cohort` (overwrite, save_samples, overview, ...)."""
     from .cohort import is_cohort_source
-    keys = ("n", "sampler", "steps", "eta", "seed", "batch_size", "backend", "device", "min_component", "force")
+    keys = ("n", "sampler", "steps", "eta", "seed", "batch_size", "backend", "device", "min_component", "force",
+            "mirror")
     seg = Segmenter(model, **{k: options.pop(k) for k in keys if k in options})
     single = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if len(single) == 1 and not options.get("modality") and is_cohort_source(single[0]):

@@ -116,7 +116,8 @@ class DiffusionSpec:
     prediction: what network output channel 0 is. ``"eps"``: the noise (the paper). ``"x0"``: the tumour logit
     ℓ of the clean mask, x_0 = mask_low + (mask_high - mask_low)·sigmoid(ℓ) (trained with BCE + Dice + MSE).
     sampler, sampling_steps, eta: the sampler `segment` uses when none is asked for (what this model was
-    evaluated with).
+    evaluated with). mirror: whether that default samples every odd ensemble member on the left-right mirror
+    image (and mirrors its mask back), for models trained with left-right flips (`sampler.SamplingPlan`).
     """
 
     schedule: str = "linear"
@@ -131,6 +132,7 @@ class DiffusionSpec:
     sampler: str = "ddpm"
     sampling_steps: int = 25
     eta: float = 0.0
+    mirror: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:

@@ -430,6 +430,10 @@ def segment(
                                              "samples all 1000)."),
     eta: Optional[float] = typer.Option(None, show_default=False,
                                         help="DDIM eta in [0, 1], 0: deterministic (default: the model card's)."),
+    mirror: Optional[bool] = typer.Option(None, "--mirror/--no-mirror", show_default=False,
+                                          help="Sample every odd member on the left-right mirror image (its mask "
+                                               "mirrored back). Default: the model card's (on for the shipped "
+                                               "model, trained with left-right flips)."),
     seed: int = typer.Option(0, help="Seed: same seed, same masks, whatever the batch size."),
     backend: Backend = typer.Option(Backend.onnxruntime, help="Runtime (torch needs PyTorch installed)."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N."),
@@ -465,7 +469,7 @@ def segment(
     quiet = _quiet(quiet)
     model_path = model or default_model()
     card = read_card(model_path)  # the card only: no session, no weights yet
-    plan = chosen_plan(card, _value(sampler), steps, eta)
+    plan = chosen_plan(card, _value(sampler), steps, eta, mirror)
     from .cohort import is_cohort_source
     if len(inputs or []) == 1 and not modality and is_cohort_source(inputs[0]):
         _segment_cohort(inputs[0], out, model_path, plan, n=n, seed=seed, batch_size=batch_size,
@@ -544,6 +548,8 @@ def evaluate(
     sampler: Optional[Sampler] = typer.Option(None, show_default=False, help="Default: the model card's."),
     steps: Optional[int] = typer.Option(None, show_default=False, help="Sampling steps (default: the model card's)."),
     eta: Optional[float] = typer.Option(None, show_default=False, help="DDIM eta (default: the model card's)."),
+    mirror: Optional[bool] = typer.Option(None, "--mirror/--no-mirror", show_default=False,
+                                          help="Mirrored odd members (default: the model card's)."),
     seed: int = typer.Option(0, help="Seed."),
     batch_size: int = typer.Option(0, help="Work items per engine call (0: automatic)."),
     policy: Policy = typer.Option(Policy.brats, help="Empty masks: brats (both empty: Dice 1, HD95 0; one empty: "
@@ -568,7 +574,7 @@ def evaluate(
         from .segment import open_model
         eng = open_model(model, backend.value, device, threads=threads)
         from .sampler import chosen_plan
-        plan = chosen_plan(eng.card, _value(sampler), steps, eta)
+        plan = chosen_plan(eng.card, _value(sampler), steps, eta, mirror)
     res = evaluate_folder(data, out, predictions=predictions, backend=eng, plan=plan, n=n, seed=seed,
                           batch_size=batch_size, policy=policy.value,
                           ensemble_sizes=[int(k) for k in sizes.split(",")] if sizes else None,

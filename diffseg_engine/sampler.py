@@ -1,10 +1,12 @@
 """The batched ensemble sampler: the paper's Algorithm 2, N times per slice, all members batched.
 
-Owns: `SamplingPlan` (which steps, their coefficient rows and network timesteps), `plan_sampling`, and
+Owns: `SamplingPlan` (which steps, their coefficient rows and network timesteps, mirrored members),
+`plan_sampling`, and
 `sample_ensemble` — a short loop over chunks of (slice, member) work items and, inside, over timesteps; one
 backend call per timestep per chunk does the network AND the update (compiled in the step graph). A chunk
 that does not fit in memory is halved and retried (`BatchMemoryError` from the backend).
-Imports: numpy, `schedule`, `noise`, `ensemble`, `card`, `errors`. Never a concrete backend, never torch.
+Imports: numpy, `schedule`, `noise`, `ensemble`, `card`, `errors`, `geometry` (which network axis is
+left-right). Never a concrete backend, never torch.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 from .card import ModelCard
 from .ensemble import EnsembleStats, member_probability
 from .errors import BatchMemoryError, ResourceError, UsageError
+from .geometry import lr_network_axis
 from .noise import BatchNoise, NoiseStreams
 from .schedule import (ddim_coefficients, ddpm_coefficients, model_timesteps, respace, space_timesteps,
                        tables_for)
@@ -41,14 +44,21 @@ class StepFn(Protocol):
 
 @dataclass(frozen=True)
 class SamplingPlan:
+    """sampler, steps, eta: as asked. coefs: [K, 8] float32, row i = step i (sampled from K-1 down to 0).
+    timesteps: [K] float32, what the network receives at step i. mirror: every odd member (m = 1, 3, ...) sees
+    the slice mirrored left-right and its mask is mirrored back, so the ensemble averages over the two
+    views a flip-trained model knows equally well; its noise is the member's own stream, drawn in the
+    network's frame as for any member."""
+
     sampler: str
     steps: int
     eta: float
-    coefs: np.ndarray  # [K, 8] float32, row i = step i (sampled from K-1 down to 0)
-    timesteps: np.ndarray  # [K] float32, what the network receives at step i
+    coefs: np.ndarray
+    timesteps: np.ndarray
+    mirror: bool = False
 
     def describe(self) -> dict:
-        return {"sampler": self.sampler, "steps": self.steps, "eta": self.eta}
+        return {"sampler": self.sampler, "steps": self.steps, "eta": self.eta, "mirror": self.mirror}
 
 
 #: Steps when --steps is not given. DDPM respaced to 25 steps: on the validation patients the shipped model's
@@ -63,23 +73,25 @@ def default_steps(sampler: str) -> int:
 
 
 def chosen_plan(card: ModelCard, sampler: str | None = None, steps: int | None = None,
-                eta: float | None = None) -> SamplingPlan:
+                eta: float | None = None, mirror: bool | None = None) -> SamplingPlan:
     """The plan for what a user asked, the model card's sampler filling what they did not.
 
     No sampler given: the card's (`diffusion.sampler`, `sampling_steps`, `eta`: what the model was evaluated
     with). A sampler given: its steps and eta default to the card's when it is the card's sampler, else to
-    `DEFAULT_STEPS` and eta 0."""
+    `DEFAULT_STEPS` and eta 0. mirror: None takes the card's (`diffusion.mirror`)."""
     d = card.diffusion
+    mirror = d.mirror if mirror is None else bool(mirror)
     sampler = sampler or d.sampler
     same = sampler == d.sampler
     if steps is None:
         steps = d.sampling_steps if same else default_steps(sampler)
     if eta is None:
         eta = d.eta if same else 0.0
-    return plan_sampling(card, sampler, steps, eta)
+    return plan_sampling(card, sampler, steps, eta, mirror=mirror)
 
 
-def plan_sampling(card: ModelCard, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0) -> SamplingPlan:
+def plan_sampling(card: ModelCard, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, *,
+                  mirror: bool = False) -> SamplingPlan:
     """DDPM over all T steps (the paper), DDPM respaced to K steps, or DDIM(η) with K steps."""
     T = card.diffusion.timesteps
     steps = T if steps is None else int(steps)
@@ -94,7 +106,7 @@ def plan_sampling(card: ModelCard, sampler: str = "ddpm", steps: int | None = No
         tables = respace(tables, kept_timesteps(T, sampler, steps))
     coefs = ddpm_coefficients(tables, learn_sigma=card.architecture.learn_sigma) if sampler == "ddpm" \
         else ddim_coefficients(tables, eta)
-    return SamplingPlan(sampler, steps, float(eta), coefs.astype(np.float32), model_timesteps(tables))
+    return SamplingPlan(sampler, steps, float(eta), coefs.astype(np.float32), model_timesteps(tables), bool(mirror))
 
 
 def kept_timesteps(T: int, sampler: str, steps: int) -> set[int]:
@@ -178,11 +190,10 @@ def _sample_chunk(step: StepFn, images: np.ndarray, chunk: list[tuple[int, int]]
                   noise_factory: NoiseFactory | None = None) -> np.ndarray:
     """All K steps for one chunk of work items; returns each member's probability map [B, h, w] float64."""
     B = len(chunk)
-    pos = np.fromiter((s for s, _ in chunk), np.int64, B)
     keyed = [(int(slice_ids[s]), m) for s, m in chunk]
     noise = noise_factory(keyed, shape) if noise_factory else BatchNoise(streams, keyed, shape)
     x = noise.draw().copy()  # x_T ~ N(0, I)
-    img = np.ascontiguousarray(images[pos], np.float32)
+    img = _member_images(images, chunk, plan, card)
     done = 0
     try:
         for i in range(len(plan.coefs) - 1, -1, -1):
@@ -197,7 +208,8 @@ def _sample_chunk(step: StepFn, images: np.ndarray, chunk: list[tuple[int, int]]
         if on_progress and done:
             on_progress(-done)
         raise
-    return member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low, card.diffusion.mask_high)
+    return _unmirror(member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low,
+                                        card.diffusion.mask_high), chunk, plan, card)
 
 
 def _device_chunk(device_loop: Callable, images: np.ndarray, chunk: list[tuple[int, int]], plan: SamplingPlan,
@@ -212,11 +224,38 @@ def _device_chunk(device_loop: Callable, images: np.ndarray, chunk: list[tuple[i
         if on_progress:
             on_progress(n)
     try:
-        x = device_loop(np.ascontiguousarray(images[pos], np.float32), slice_ids[pos].astype(np.int64),
+        x = device_loop(_member_images(images, chunk, plan, card), slice_ids[pos].astype(np.int64),
                         np.fromiter((m for _, m in chunk), np.int64, len(chunk)), plan.coefs, plan.timesteps,
                         streams.key, progress)
     except BatchMemoryError:
         if on_progress and done[0]:
             on_progress(-done[0])
         raise
-    return member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low, card.diffusion.mask_high)
+    return _unmirror(member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low,
+                                        card.diffusion.mask_high), chunk, plan, card)
+
+
+def _mirrored(chunk: list[tuple[int, int]], plan: SamplingPlan) -> np.ndarray:
+    """bool [B]: which work items of the chunk are mirrored members (odd m, when the plan mirrors)."""
+    return np.fromiter((plan.mirror and m % 2 == 1 for _, m in chunk), bool, len(chunk))
+
+
+def _member_images(images: np.ndarray, chunk: list[tuple[int, int]], plan: SamplingPlan,
+                   card: ModelCard) -> np.ndarray:
+    """The network's image input [B, C, h, w] float32 of each work item: its slice, mirrored left-right for a
+    mirrored member."""
+    pos = np.fromiter((s for s, _ in chunk), np.int64, len(chunk))
+    img = np.ascontiguousarray(images[pos], np.float32)
+    flip = _mirrored(chunk, plan)
+    if flip.any():
+        img[flip] = np.flip(img[flip], axis=lr_network_axis(card.preprocessing.orientation))
+    return img
+
+
+def _unmirror(prob: np.ndarray, chunk: list[tuple[int, int]], plan: SamplingPlan, card: ModelCard) -> np.ndarray:
+    """Member maps [B, h, w] back in the slice's own frame (mirrored members mirrored back)."""
+    flip = _mirrored(chunk, plan)
+    if flip.any():
+        prob = prob.copy()
+        prob[flip] = np.flip(prob[flip], axis=lr_network_axis(card.preprocessing.orientation))
+    return prob

@@ -21,16 +21,17 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "diffseg_engine" / "models"
 
 
 def ship_default(run_dir: str | Path, models_dir: str | Path = MODELS_DIR, *, name: str = "default",
-                 sampling: tuple[str, int, float] | None = None) -> dict:
-    """Ship the run's EMA weights as `models_dir/name.*`; `sampling` = (sampler, steps, eta) sets the card's
-    default sampler (what `segment` runs when none is asked for), chosen from the validation measurements."""
+                 sampling: tuple | None = None) -> dict:
+    """Ship the run's EMA weights as `models_dir/name.*`; `sampling` = (sampler, steps, eta[, mirror]) sets the
+    card's default sampler (what `segment` runs when none is asked for), chosen from the validation
+    measurements."""
     run_dir, models_dir = Path(run_dir), Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     tensors, card = load_weights(run_dir / "model.safetensors")
     if sampling is not None:
-        sampler, steps, eta = sampling
+        sampler, steps, eta, *rest = sampling
         card = card.replace(diffusion=dataclasses.replace(card.diffusion, sampler=sampler, sampling_steps=int(steps),
-                                                           eta=float(eta)))
+                                                           eta=float(eta), mirror=bool(rest[0]) if rest else False))
     log = run_dir / "train_log.jsonl"
     if log.exists():  # where it was trained, from the log's session lines
         sessions = [json.loads(line) for line in log.read_text().splitlines() if '"session"' in line]
@@ -51,7 +52,7 @@ def ship_default(run_dir: str | Path, models_dir: str | Path = MODELS_DIR, *, na
 
 if __name__ == "__main__":
     import sys
-    # python -m diffseg_engine.export.ship RUN_DIR [SAMPLER:STEPS:ETA]
+    # python -m diffseg_engine.export.ship RUN_DIR [SAMPLER:STEPS:ETA[:mirror]]
     spec = sys.argv[2].split(":") if len(sys.argv) > 2 else None
-    print(json.dumps(ship_default(sys.argv[1], sampling=(spec[0], int(spec[1]), float(spec[2])) if spec else None),
-                     indent=2)[:2000])
+    sampling = (spec[0], int(spec[1]), float(spec[2]), len(spec) > 3 and spec[3] == "mirror") if spec else None
+    print(json.dumps(ship_default(sys.argv[1], sampling=sampling), indent=2)[:2000])

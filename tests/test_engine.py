@@ -9,6 +9,7 @@ preset card as is (56x56).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -33,7 +34,7 @@ from diffseg_engine.ensemble import EnsembleStats, member_probability  # noqa: E
 from diffseg_engine.errors import BackendError, InputImageError, ModelFileError, OutputError, UsageError  # noqa: E402
 from diffseg_engine.export.onnx_export import check_parity, example_inputs, export_onnx  # noqa: E402
 from diffseg_engine.noise import BatchNoise, NoiseStreams  # noqa: E402
-from diffseg_engine.sampler import plan_sampling, sample_ensemble  # noqa: E402
+from diffseg_engine.sampler import chosen_plan, plan_sampling, sample_ensemble  # noqa: E402
 from diffseg_engine.segment import open_model, resolve_case, segment_case  # noqa: E402
 from diffseg_engine.train.presets import build_card, get_preset  # noqa: E402
 from diffseg_engine.train.reference import reference_sample  # noqa: E402
@@ -230,6 +231,35 @@ def test_batch_size_does_not_change_results_but_seed_does(small):
     resumed = run(0, 4, stats=EnsembleStats.from_state(state), start_item=nxt)
     np.testing.assert_allclose(resumed.mean, ref.mean, atol=1e-6, rtol=0)
     np.testing.assert_allclose(resumed.variance, ref.variance, atol=1e-6, rtol=0)
+
+
+def test_mirrored_members_see_the_mirror_image_and_are_mirrored_back(small):
+    """With plan.mirror, member m odd is exactly the plain sampler's member m on the left-right mirrored slice
+    (same noise stream), mirrored back; even members are untouched; batch size still changes nothing."""
+    card, _, ort_backend, _ = small
+    rng = np.random.default_rng(5)
+    images = rng.random((2, 1, card.image_size, card.image_size), dtype=np.float32)
+    slice_ids = np.array([30, 31])
+    lr = -2  # the canonical LPS slice [h = left-right, w = anterior-posterior]
+
+    def members(imgs, mirror, bs):
+        got = {}
+        sample_ensemble(ort_backend.infer, imgs, members=4, plan=plan_sampling(card, "ddim", 3, 1.0, mirror=mirror),
+                        streams=NoiseStreams(0, "c"), slice_ids=slice_ids, card=card, batch_size=bs,
+                        on_member=lambda s, m, p: got.__setitem__((s, m), p.copy()))
+        return got
+    plain = members(images, False, 8)
+    flipped = members(np.ascontiguousarray(np.flip(images, axis=lr)), False, 8)
+    mirrored = {bs: members(images, True, bs) for bs in (8, 3)}
+    for (s, m), p in mirrored[8].items():
+        want = np.flip(flipped[(s, m)], axis=lr) if m % 2 else plain[(s, m)]
+        np.testing.assert_array_equal(p, want, err_msg=f"slice {s} member {m}")
+        np.testing.assert_allclose(mirrored[3][(s, m)], p, atol=1e-6, rtol=0)
+    assert any(np.abs(mirrored[8][(s, 1)] - plain[(s, 1)]).max() > 1e-3 for s in range(2))
+    assert plan_sampling(card, "ddim", 3, 1.0, mirror=True).describe()["mirror"] is True
+    assert chosen_plan(card.replace(diffusion=dataclasses.replace(card.diffusion, mirror=True))).mirror is True
+    assert chosen_plan(card.replace(diffusion=dataclasses.replace(card.diffusion, mirror=True)), mirror=False).mirror \
+        is False
 
 
 def test_sampler_rejects_bad_arguments(small):
@@ -615,3 +645,19 @@ def test_fp16_rounded_weights_are_stored_half_size_in_the_onnx_and_compute_bit_i
     halved = sum(2 * int(np.prod(i.dims)) for i in fp16_inits)  # bytes the float16 storage saves
     assert plain.stat().st_size - compact.stat().st_size > 0.9 * halved
     np.testing.assert_array_equal(OnnxRuntimeBackend.load(plain, device="cpu").infer(**ex), got)
+
+
+def test_segment_mirror_option_overrides_the_card_and_is_recorded(shared_data, tiny_model, tmp_path):
+    flair = shared_data / "train/BraTS18_CBICA_ASK/BraTS18_CBICA_ASK_flair.nii.gz"
+    args = ["segment", str(flair), "--model", str(tiny_model[1]), "-q", "--sampler", "ddim", "--steps", "2",
+            "--eta", "1", "--n", "2"]
+    provs, means = {}, {}
+    for flag in ("--no-mirror", "--mirror"):
+        out = tmp_path / flag.strip("-")
+        res = runner.invoke(app, [*args, flag, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        provs[flag] = json.loads(next(out.glob("*_provenance.json")).read_text())
+        means[flag] = np.asarray(nib.load(str(next(out.glob("*_mean.nii.gz")))).dataobj)
+    assert provs["--no-mirror"]["sampling"]["mirror"] is False and provs["--mirror"]["sampling"]["mirror"] is True
+    assert provs["--mirror"]["run"]["mirror"] is True  # part of "the same run"
+    assert np.abs(means["--mirror"] - means["--no-mirror"]).max() > 1e-3
