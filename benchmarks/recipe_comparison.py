@@ -109,7 +109,8 @@ def run_diffusion(path: str, sampler_spec: str | None, cases, n: int, sizes: lis
     if sampler_spec:
         parts = sampler_spec.split(":")
         plan = chosen_plan(card, parts[0], int(parts[1]) if len(parts) > 1 else None,
-                           float(parts[2]) if len(parts) > 2 else None)
+                           float(parts[2]) if len(parts) > 2 else None,
+                           {"mirror": True, "plain": False}[parts[3]] if len(parts) > 3 else None)
     else:
         plan = chosen_plan(card)
     res = {"model": path, "card_name": card.name, "training": card.training, "plan": plan.describe(),
@@ -225,7 +226,8 @@ def markdown(results: list[dict], meta: dict) -> str:
             recipe = "deterministic U-Net (BCE + Dice)"
         pl = r["plan"]
         samp = pl["sampler"] if pl["sampler"] == "deterministic" else \
-            f"{pl['sampler']} {pl['steps']}" + (f" η={pl['eta']:g}" if pl["sampler"] == "ddim" else "")
+            f"{pl['sampler']} {pl['steps']}" + (f" η={pl['eta']:g}" if pl["sampler"] == "ddim" else "") + \
+            (", mirrored" if pl.get("mirror") else "")
         per_case_s = r["sampling_s"] / max(len(r["cases"]), 1)
         for k, s in r["summary"].items():
             ml = " / ".join(f"{p:.0f} ({g:.0f})" for p, g in zip(s["pred_ml"], s["gt_ml"]))
@@ -241,7 +243,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--cases", required=True, help="comma-separated case ids")
-    ap.add_argument("--model", action="append", default=[], help="NAME=PATH.onnx[@sampler:steps[:eta]]")
+    ap.add_argument("--model", action="append", default=[],
+                    help="NAME=PATH.onnx[@sampler:steps[:eta[:mirror|plain]]] (default: the card's sampler)")
     ap.add_argument("--baseline", action="append", default=[], help="NAME=PATH.safetensors")
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--sizes", default="1,5,10")
