@@ -15,12 +15,12 @@ Thresholds, from every volume under ../shared/data (benchmarks/results/input_san
   non-zero, 5.9-6.4 L. Refused above 60 % non-zero, 50 % of the frame or 3000 mL; warned above 35 %, 2 % or
   2200 mL (a head with its background zeroed, a crop around the head).
 * FLAIR, after the engine's percentile normalisation: level = (q25 + q50) / 2 of the brain voxels. Real FLAIR
-  (BraTS 2012, 2013, 2018, AURORA; 3D) 0.41-0.54, the 2D reference slices 0.28-0.34; T1 of the same cases
-  0.65-0.72 in 3D (the 2D slices 0.57-0.61); T1ce 0.34-0.50 and T2 0.16-0.34 lie on FLAIR's side. BUT on the
-  BraTS 2020 case TCGA-FG-6692 the FLAIR's level is above 0.62 and its T1's below 0.58, and the BraTS 2023 t1n
-  is below 0.58 too: this histogram feature does not separate FLAIR from T1 across cohorts. So a T1 given as
-  FLAIR is never refused; only a level above 0.70 (AURORA's T1: 0.72) is warned about. A feature that separates
-  them (spatial: CSF/ventricles vs white matter) is left to do.
+  in 3D 0.29-0.62 (BraTS 2018 0.29-0.43, BRATS 2012/2013 0.41-0.51, AURORA 0.54, BraTS 2020 0.52-0.62), the 2D
+  reference slices 0.27-0.34; T1 in 3D 0.40-0.72 (BraTS 2020 TCGA-DU-7294 0.40, BraTS 2018 0.47-0.61, BraTS 2023
+  t1n 0.56, BRATS 2012 0.65-0.66, AURORA 0.72). The T1 lies above its own patient's FLAIR in 9 of 11 pairs, but
+  the ranges overlap across cohorts, so a T1 given as FLAIR is never refused; only a level above 0.70 (AURORA's
+  T1) is warned about. A spatial feature (cortex vs deep white matter) was measured too and overlaps as well
+  (benchmarks/t1_vs_flair_spatial.py; both in benchmarks/results/input_sanity-measurements.md).
 """
 from __future__ import annotations
 
