@@ -600,7 +600,8 @@ def _overview_png(case: CaseInput, card: ModelCard, plan: SamplingPlan, n: int, 
     try:
         write_overview(f"{case.case_id}_overview.png", case.images[-1].data, mean, variance, case.reference.affine,
                        image_label=card.modalities[-1], file=buf,
-                       title=f"{case.case_id} — {card.name}, {plan.sampler} {plan.steps} steps, N={n}, seed {seed}")
+                       title=f"{case.case_id} — {card.name}, {plan.sampler} {plan.steps} steps, N={n}"
+                             f"{' (odd members mirrored)' if plan.mirror else ''}, seed {seed}")
     except ImportError:
         return None
     return buf.getvalue() or None

@@ -25,11 +25,12 @@ from diffseg_engine.weights import load_weights
 def test_shipped_files_belong_together_and_fit_the_budget():
     onnx, st = DEFAULT_MODEL_DIR / "default.onnx", DEFAULT_MODEL_DIR / "default.safetensors"
     assert default_model() == onnx
-    assert onnx.stat().st_size + st.stat().st_size <= 25 * 2**20
+    # each shipped file stays under the repository's 4 MB limit for tracked files
+    assert onnx.stat().st_size <= 4 * 2**20 and st.stat().st_size <= 4 * 2**20
     card = read_card(onnx)
     tensors, st_card = load_weights(st)  # checks the weights against the card's sha256
     assert card == st_card and card.objective == "diffusion"
-    assert card.modalities == ("flair",) and card.preset == "cpu-fast" and card.diffusion.prediction == "x0"
+    assert card.modalities == ("flair",) and card.preset == "cpu-small" and card.diffusion.prediction == "x0"
     tr0 = card.training
     assert tr0["recycling"] is True and tr0["augmentations"] == ["flip_lr"]
     info = inspect_onnx(onnx)
@@ -41,7 +42,8 @@ def test_shipped_files_belong_together_and_fit_the_budget():
     # the record measured the shipped file itself, at the sampler `segment` uses by default
     d = card.diffusion
     default_rows = [r for r in validation["results"] if r["model"].endswith("models/default.onnx")
-                    and (r["plan"]["sampler"], r["plan"]["steps"], r["plan"]["eta"]) == (d.sampler, d.sampling_steps, d.eta)]
+                    and (r["plan"]["sampler"], r["plan"]["steps"], r["plan"]["eta"], r["plan"].get("mirror", False))
+                    == (d.sampler, d.sampling_steps, d.eta, d.mirror)]
     assert default_rows and {"1", "5"} <= set(default_rows[0]["summary"])
     log = [json.loads(line) for line in (DEFAULT_MODEL_DIR / "default_train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log if r["event"] == "checkpoint") == tr["steps"]
