@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from diffseg_engine.cases import classify_file
 from diffseg_engine.nifti_io import load_image

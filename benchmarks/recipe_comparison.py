@@ -41,7 +41,6 @@ from _host import cpu_info  # noqa: E402
 from diffseg_engine import metrics as M  # noqa: E402
 from diffseg_engine.cases import discover_cases  # noqa: E402
 from diffseg_engine.evaluate import slice_scores  # noqa: E402
-from diffseg_engine.ensemble import member_probability  # noqa: E402
 from diffseg_engine.lesions import DEFAULT_MIN_COMPONENT, lesion_mask  # noqa: E402
 from diffseg_engine.nifti_io import load_image  # noqa: E402
 from diffseg_engine.noise import NoiseStreams  # noqa: E402

@@ -19,9 +19,8 @@ from .errors import InputImageError, MissingModalityError, UsageError
 from .lesions import DEFAULT_MIN_COMPONENT, lesion_mask
 from .noise import NoiseStreams
 from .options import check_sampling_options
-from .preprocess import prepare_case, restore
+from .preprocess import restore
 from .sampler import chosen_plan, sample_ensemble
-from .sanity import check_case
 
 
 @dataclass
@@ -97,8 +96,8 @@ class Segmenter:
         seed = self.seed if seed is None else seed
         check_sampling_options(n=n, seed=seed, batch_size=self.batch_size)
         vols, affine = self._volumes(image, affine)
-        check_case(vols, affine, _zooms(affine), self.modalities, self.card.preprocessing, force=self.force)
-        prepared = prepare_case(vols, affine, self.card.preprocessing, force=self.force)
+        from .segment import prepare_checked
+        prepared, _, _ = prepare_checked(vols, affine, _zooms(affine), self.card, force=self.force)
         S = len(prepared.inputs)
         from .segment import default_batch_size, lesion_summary
         bs = self.batch_size or default_batch_size(self.card, S * n, self.engine.device)

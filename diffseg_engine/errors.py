@@ -43,6 +43,11 @@ class InputImageError(DiffsegError):
     summary = "unusable input image"
 
 
+class CropWindowError(InputImageError):
+    """Brain voxels beyond the model's crop window: the network would not see them (`--force` segments the
+    window anyway). Its own class so that `segment` can report a likelier cause first (a native head scan)."""
+
+
 class MissingModalityError(DiffsegError):
     """A modality the model needs is missing, duplicated or ambiguous in the input."""
 

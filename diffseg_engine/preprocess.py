@@ -40,7 +40,7 @@ import numpy as np
 
 from . import geometry as G
 from .card import Preprocessing
-from .errors import InputImageError, UsageError
+from .errors import CropWindowError, InputImageError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def check_brain_window(brain: np.ndarray, zooms: Sequence[float], prep: Preproce
                 idx = np.flatnonzero(beyond)
                 over.append(float(max(first - idx.min(), idx.max() - last, 0) * z))
         window = prep.crop_size * prep.spacing_mm
-        raise InputImageError(
+        raise CropWindowError(
             f"has brain (non-zero) voxels beyond this model's {window:.0f}x{window:.0f} mm crop window: "
             f"{outside / total:.1%} of them, up to {max(over, default=0):.0f} mm past its edge, would be cut away",
             path=source, fix="centre the field of view on the head and skull-strip the image (as BraTS preprocessing does, e.g. "
@@ -340,7 +340,7 @@ def prepare_geometry(images: Sequence[np.ndarray], affine: np.ndarray, prep: Pre
     forced: tuple[str, ...] = ()
     try:
         check_brain_window(brain, frame.zooms, prep, source=names[0])
-    except InputImageError as exc:
+    except CropWindowError as exc:
         if not force:
             raise
         forced = (f"refuse: {exc.message}",)

@@ -29,7 +29,7 @@ from .atomic import AtomicFiles, atomic_write
 from .backends.base import StepBackend, open_backend
 from .card import ModelCard
 from .cases import canonical_modality, classify_file, find_case
-from .errors import BatchMemoryError, InputImageError, MissingModalityError, OutputError, UsageError
+from .errors import BatchMemoryError, CropWindowError, InputImageError, MissingModalityError, OutputError, UsageError
 from .lesions import DEFAULT_MIN_COMPONENT, lesion_mask
 from .lock import OutputLock
 from .noise import NoiseStreams
@@ -169,17 +169,32 @@ def resolve_case(inputs: Sequence[Path], modality_args: Sequence[str], card: Mod
     case = CaseInput(case_id=case_id or "case", images=loaded, reference=loaded[0],
                      sources={m: str(files[m]) for m in need})
     if prepare:
-        # what the image is (skull-stripped? the model's modality?) before where it lies: a native head scan
-        # hears "not skull-stripped", the cause, rather than "beyond the crop window", its consequence
-        verdicts = check_case([im.data for im in loaded], loaded[0].affine, loaded[0].image.header.get_zooms()[:3],
-                              need, card.preprocessing, names=[im.path for im in loaded], force=force)
         t0 = time.perf_counter()
-        case.prepared = prepare_case([im.data for im in loaded], loaded[0].affine, card.preprocessing,
-                                     names=[im.path for im in loaded], force=force)  # errors name the file
+        case.prepared, case.forced, case.warnings = prepare_checked(
+            [im.data for im in loaded], loaded[0].affine, loaded[0].image.header.get_zooms()[:3], card,
+            names=[im.path for im in loaded], force=force)
         case.prepare_s = time.perf_counter() - t0
-        case.forced = [v for v in verdicts if v.startswith("refuse: ")] + list(case.prepared.geometry.forced)
-        case.warnings = [v for v in verdicts if v.startswith("warn: ")]
     return case
+
+
+def prepare_checked(volumes: Sequence[np.ndarray], affine: np.ndarray, zooms: Sequence[float], card: ModelCard, *,
+                    names: Sequence[object] | None = None,
+                    force: bool = False) -> tuple[PreparedCase, list[str], list[str]]:
+    """`prepare_case` and the input checks of `sanity.check_case`, in the order a user is best told: every
+    hard refusal of preprocessing (shape, field of view, constant image...) first, then the sanity checks
+    (not skull-stripped, not the model's modality), then the crop-window refusal, which a native head scan
+    also triggers as a consequence of its skull. Returns (prepared, overridden refusals, warnings); with
+    `force` the sanity and crop-window refusals are warnings, listed as overridden."""
+    window_refusal = None
+    try:
+        prepared = prepare_case(volumes, affine, card.preprocessing, names=names, force=force)
+    except CropWindowError as exc:
+        window_refusal = exc
+    verdicts = check_case(volumes, affine, zooms, card.modalities, card.preprocessing, names=names, force=force)
+    if window_refusal is not None:
+        raise window_refusal
+    forced = [v for v in verdicts if v.startswith("refuse: ")] + list(prepared.geometry.forced)
+    return prepared, forced, [v for v in verdicts if v.startswith("warn: ")]
 
 
 def _check_same_grid(images: list[LoadedImage], names: list[str]) -> None:

@@ -31,6 +31,7 @@ from diffseg_engine.backends.torch_ref import TorchBackend  # noqa: E402
 from diffseg_engine.card import Preprocessing  # noqa: E402
 from diffseg_engine.cli import app  # noqa: E402
 from diffseg_engine.ensemble import EnsembleStats, member_probability  # noqa: E402
+from diffseg_engine.lesions import lesion_mask  # noqa: E402
 from diffseg_engine.errors import BackendError, InputImageError, ModelFileError, OutputError, UsageError  # noqa: E402
 from diffseg_engine.export.onnx_export import check_parity, example_inputs, export_onnx  # noqa: E402
 from diffseg_engine.noise import BatchNoise, NoiseStreams  # noqa: E402
@@ -385,8 +386,11 @@ def _check_outputs(out: Path, case_id: str, inputs: list[Path], card, *, n: int,
     assert maps["variance"].min() >= 0 and maps["variance"].max() <= 0.25 + 1e-6
     if n > 1:
         assert maps["variance"].max() > 0
-    np.testing.assert_array_equal(maps["mask"], (maps["mean"] > 0.5).astype(np.uint8))
     prov = json.loads((out / f"{case_id}_provenance.json").read_text())
+    # the mask is the mean > 0.5 without the components the clean-up drops, as the provenance records it
+    cleaned = lesion_mask(maps["mean"], ref.header.get_zooms()[:3], min_component=prov["run"]["min_component"])
+    np.testing.assert_array_equal(maps["mask"], cleaned.mask)
+    assert prov["mask_cleanup"] == {"min_component": prov["run"]["min_component"], **cleaned.describe()}
     assert prov["case_id"] == case_id and prov["complete"] is True
     assert prov["model_card"] == json.loads(card.to_json())
     s = prov["sampling"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..card import CARD_KEY, ModelCard
-from ..errors import BackendError, BatchMemoryError, ModelFileError, UsageError
+from ..errors import BatchMemoryError, ModelFileError, UsageError
 from ..step_graph import STEP_INPUTS, STEP_OUTPUT  # noqa: F401 - re-exported for older call sites
 
 
