@@ -8,13 +8,12 @@ format change, run this file as a script: ``.venv/bin/python tests/test_evaluati
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from diffseg_engine import evaluate as E
 from diffseg_engine import qubrats as QB
@@ -65,6 +64,51 @@ def test_reports_are_those_recorded(tmp_path):
     assert got == want
     assert list(got) == list(want) and list(got["volume_3d"]) == list(want["volume_3d"])  # key order too
     assert paths["ensemble_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_metric_added_in_one_place_reaches_every_report(tmp_path, monkeypatch):
+    """One entry in `columns.METRICS`: a CSV column, a key of every JSON row, its means in the summary, a column of
+    the Markdown per-case and per-volume tables; everything else as recorded."""
+    from diffseg_engine.evaluation import columns as C
+    ratio = C.Metric("volume_ratio", lambda c: c.pred_voxels / c.gt_voxels if c.gt_voxels else None,
+                     group="volume_3d", column="pred / gt", mean_column="pred / gt volume")
+    monkeypatch.setattr(C, "METRICS", (*C.METRICS, ratio))
+    paths = _write(tmp_path)
+    values = [1.0, 1.0, 304 / 600]  # alpha, beta, gamma; delta and eps have no ground truth voxels counted
+
+    rows = list(csv.DictReader(paths["cases_csv"].open()))
+    assert [r["volume_ratio"] for r in rows] == ["1", "1", "0.506667", "", ""]
+    golden = list(csv.DictReader((GOLDEN / E.REPORT_NAMES["cases_csv"]).open()))
+    assert [{k: v for k, v in r.items() if k != "volume_ratio"} for r in rows] == golden
+
+    summary = json.loads(paths["summary_json"].read_text())
+    assert [r["volume_ratio"] for r in summary["per_case"]] == [*values, None, None]
+    v = summary["volume_3d"]
+    assert v["volume_ratio_mean"] == np.mean(values) and v["volume_ratio_std"] == np.std(values, ddof=1)
+    assert v["volume_ratio_n"] == 3
+    want = json.loads((GOLDEN / E.REPORT_NAMES["summary_json"]).read_text())
+    for part in ("slices_pooled", "slices_per_case_mean", "uncertainty", "ensemble_curve", "cases"):
+        assert summary[part] == want[part]
+
+    md = paths["summary_md"].read_text()
+    # unitless scores before distances (mm) in the summary parts
+    assert "| Dice | Jaccard | pred / gt volume | HD95 (mm, medpy) | HD95 (mm, MONAI directed max) |" in md
+    assert f"| 0.721 ± 0.256 | {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} | 1.33 ± 1.15 |" in md
+    assert "| slice HD95 | empty / slices | pred / gt |" in md
+    assert "| 0.500 [1.000] | 0.00 | 3 / 6 | 0.507 |" in md and "| – / – | – |" in md
+
+
+def test_option_checks_refuse_before_anything_is_read(tmp_path):
+    from diffseg_engine.errors import UsageError
+    nowhere = tmp_path / "missing"
+    for kw, match in (({"top_percent": 0}, "top percent"), ({"n_levels": 1}, "2 levels"),
+                      ({"ensemble_sizes": [0, 5]}, "at least 1"), ({"n": 0}, "--n must be at least 1"),
+                      ({"policy": "zero"}, "policy")):
+        with pytest.raises(UsageError, match=match):
+            E.evaluate_folder(nowhere, tmp_path / "out", predictions=nowhere, quiet=True, **kw)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="top percent"):  # the same check where the scores are computed
+        E.uncertainty_scores(np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2)), top_percent=101)
 
 
 if __name__ == "__main__":  # record the current format as the golden one
