@@ -44,7 +44,7 @@ def model(tmp_path_factory) -> Path:
     from diffseg_engine.weights import save_weights
     tmp = tmp_path_factory.mktemp("cohort_model")
     card = build_card(get_preset("tiny"), ("flair",), name="test-cohort").replace(preprocessing=SMALL_PREP)
-    from _perturb import perturbed
+    from diffseg_engine.train.perturb import perturbed
     net = perturbed(UNetModel(card.architecture), seed=3)
     weights = tmp / "cohort.safetensors"
     save_weights(weights, {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}, card)

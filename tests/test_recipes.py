@@ -27,12 +27,12 @@ from diffseg_engine.schedule import apply_step, q_sample, tables_for  # noqa: E4
 from diffseg_engine.train.data import BatchSampler, SliceSet  # noqa: E402
 from diffseg_engine.train.losses import TorchTables, x0_loss  # noqa: E402
 from diffseg_engine.train.loop import TrainConfig, train  # noqa: E402
+from diffseg_engine.train.perturb import perturbed  # noqa: E402
 from diffseg_engine.train.presets import build_card, get_preset  # noqa: E402
 from diffseg_engine.train.reference import reference_sample  # noqa: E402
 from diffseg_engine.train.step import build_step  # noqa: E402
 from diffseg_engine.train.unet import UNetModel  # noqa: E402
 from diffseg_engine.weights import load_weights, save_weights  # noqa: E402
-from _perturb import perturbed  # noqa: E402
 
 SMALL_PREP = Preprocessing(crop_size=224, downsample=14)  # 16x16 network grid
 
