@@ -1,4 +1,5 @@
-"""The evaluation reports keep their recorded format, and a per-case metric is added in one place.
+"""The evaluation package: reports in their recorded format, a per-case metric added in one place, the option
+checks, and imports that only go down.
 
 The golden files in tests/golden/evaluation/ were written by the reports as they stood before
 `evaluate.py` was split into `diffseg_engine.evaluation` (commit a3e3532); the reports written now from the same
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,6 +111,19 @@ def test_option_checks_refuse_before_anything_is_read(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(UsageError, match="top percent"):  # the same check where the scores are computed
         E.uncertainty_scores(np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2)), top_percent=101)
+
+
+def test_the_evaluation_package_imports_only_downwards():
+    """Scoring and reports never load the segmenting side (segment, sampler, cohort), the CLI or torch."""
+    code = ("import sys, diffseg_engine.evaluation.reports, diffseg_engine.evaluation.predictions\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('diffseg_engine.', 'torch')))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    assert "diffseg_engine.evaluation.columns" in loaded
+    for above in ("diffseg_engine.segment", "diffseg_engine.sampler", "diffseg_engine.cohort", "diffseg_engine.cli",
+                  "diffseg_engine.evaluate", "torch"):
+        assert above not in loaded, above
 
 
 if __name__ == "__main__":  # record the current format as the golden one

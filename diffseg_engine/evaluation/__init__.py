@@ -1,6 +1,6 @@
 """Scoring segmentations against ground truth: the machinery of the `evaluate` command, one module a noun.
 
-Lowest first; each module imports only those above it in this list, the runtime's ground floor (`metrics`,
+Lowest first; each module imports only those before it in this list, the runtime's ground floor (`metrics`,
 `qubrats`, `outputs`, `errors`, `atomic`, `progress`) and the geometry/IO modules (`preprocess`, `nifti_io`,
 `cases`):
 
