@@ -60,7 +60,8 @@ def check_options(*, n: int = 5, seed: int = 0, batch_size: int = 0, policy: str
     try:
         return M.get_policy(policy)
     except ValueError:
-        raise UsageError(f"unknown empty-mask policy {policy!r}", fix=f"choose one of {', '.join(M.POLICIES)}") from None
+        raise UsageError(f"unknown empty-mask policy {policy!r}",
+                         fix=f"choose one of {', '.join(M.POLICIES)}") from None
 
 
 def evaluate_folder(gt_root: str | Path, out_dir: str | Path, *, predictions: str | Path | None = None,

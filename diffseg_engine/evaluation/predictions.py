@@ -181,9 +181,10 @@ def score_folder(pred_dir: str | Path, gt_root: str | Path, *, policy: str | M.E
                  failures: dict[str, str] | None = None) -> FolderScores:
     """Score every labelled case under `gt_root` (any layout, `discover_cases`) against its prediction in
     `pred_dir` (`find_prediction`). Every labelled case gets a row: the reason in `failures` (case id ->
-    status, e.g. "segmentation failed: ...") for the cases listed there, "missing prediction" when there is none, "error: ..." when its files cannot be scored. The returned list also
-    holds `unmatched_predictions` (prediction ids without a labelled case). `DatasetError` when `pred_dir` is
-    not a folder or holds no prediction for any case."""
+    status, e.g. "segmentation failed: ...") for the cases listed there, "missing prediction" when there is
+    none, "error: ..." when its files cannot be scored. The returned list also holds `unmatched_predictions`
+    (prediction ids without a labelled case). `DatasetError` when `pred_dir` is not a folder or holds no
+    prediction for any case."""
     policy = M.get_policy(policy)
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
