@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .evaluation.columns import METRICS, Metric  # first: the package says so when scipy is missing
+from .evaluation import columns  # first: the package says so when scipy is missing
 from . import metrics as M
 from .errors import InputImageError, MissingModalityError, OutputError, UsageError
 from .evaluation.predictions import FolderScores, find_prediction, labelled_cases, score_folder
@@ -28,11 +28,11 @@ from .evaluation.uncertainty import (MAX_VARIANCE, UncertaintyScores, check_opti
 from .options import check_sampling_options
 from .progress import ProgressBar
 
-#: The per-case CSV's columns (`evaluation.columns.METRICS`, as shipped).
-CSV_COLUMNS = tuple(m.name for m in METRICS)
+#: The per-case CSV's columns as shipped (the reports take them from `evaluation.columns.METRICS` when written).
+CSV_COLUMNS = tuple(m.name for m in columns.METRICS)
 
-__all__ = ["CSV_COLUMNS", "DEFINITIONS", "MAX_VARIANCE", "METRICS", "REPORT_NAMES", "CaseScores", "EnsembleCurve",
-           "EvaluationResult", "FolderScores", "Metric", "SliceScores", "UncertaintyScores", "check_options",
+__all__ = ["CSV_COLUMNS", "DEFINITIONS", "MAX_VARIANCE", "REPORT_NAMES", "CaseScores", "EnsembleCurve",
+           "EvaluationResult", "FolderScores", "SliceScores", "UncertaintyScores", "check_options",
            "default_ensemble_sizes", "ensemble_curve", "evaluate_folder", "filtered_dice_curve", "find_prediction",
            "labelled_cases", "score_case", "score_folder", "slice_scores", "summarize", "uncertainty_scores",
            "write_reports"]
