@@ -26,18 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(folder: Path) -> Path:
-    import torch
-
     from diffseg_engine.export.onnx_export import export_onnx
+    from diffseg_engine.train.perturb import perturbed
     from diffseg_engine.train.presets import build_card, get_preset
     from diffseg_engine.train.unet import UNetModel
     from diffseg_engine.weights import save_weights
     card = build_card(get_preset("tiny"), ("flair",), name="bench-tiny")
-    torch.manual_seed(0)
-    net = UNetModel(card.architecture)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    net = perturbed(UNetModel(card.architecture), seed=0)
     w = folder / "tiny.safetensors"
     save_weights(w, {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}, card)
     return export_onnx(w, folder / "tiny.onnx")

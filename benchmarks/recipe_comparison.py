@@ -4,7 +4,7 @@ For each diffusion model (ONNX step graph, onnxruntime on the CPU) and sampler s
 each validation case is sampled N times (`segment`'s path: `prepare_case` -> `sample_ensemble` -> `restore`);
 the ensembles of the first k members (k in --sizes) are scored on the input grid:
 
-* per slice, the paper's protocol (`evaluate.slice_scores`: slices whose ground truth holds tumour; Dice,
+* per slice, the paper's protocol (`evaluation.protocol.slice_scores`: slices whose ground truth holds tumour; Dice,
   HD95 by medpy's definition), pooled over the cases;
 * per volume, 3D Dice and HD95 (mm);
 * masks as `segment` writes them: mean > 0.5 without components under --min-component of the largest
@@ -40,7 +40,7 @@ from _host import cpu_info  # noqa: E402
 
 from diffseg_engine import metrics as M  # noqa: E402
 from diffseg_engine.cases import discover_cases  # noqa: E402
-from diffseg_engine.evaluate import slice_scores  # noqa: E402
+from diffseg_engine.evaluation.protocol import slice_scores  # noqa: E402
 from diffseg_engine.lesions import DEFAULT_MIN_COMPONENT, lesion_mask  # noqa: E402
 from diffseg_engine.nifti_io import load_image  # noqa: E402
 from diffseg_engine.noise import NoiseStreams  # noqa: E402

@@ -35,7 +35,7 @@ from _host import cpu_info  # noqa: E402 (benchmarks/ is on sys.path when run as
 from diffseg_engine import metrics as M
 from diffseg_engine.cases import discover_cases
 from diffseg_engine.ensemble import member_probability
-from diffseg_engine.evaluate import slice_scores
+from diffseg_engine.evaluation.protocol import slice_scores
 from diffseg_engine.nifti_io import load_image
 from diffseg_engine.preprocess import prepare_case, restore
 from diffseg_engine.sampler import plan_sampling

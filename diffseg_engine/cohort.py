@@ -2,12 +2,13 @@
 
 Owns: finding a cohort's cases (`list_cohort`: a folder of case folders in any naming of ../shared/data, a
 flat folder of files, or a text file listing cases), splitting it deterministically for job arrays
-(`select_part`), running one case with its status recorded (`run_case`: skip a finished same run, else
-`segment.segment_case` with its lock, resume and atomic outputs; a failure is recorded, not raised), the
-single-process loop (`run_cohort`), and the cohort summary (`write_summary`: CSV and Markdown, one row per
-case, ranked by uncertainty). The Ray runner (`cohort_ray`) reuses `run_case` and `write_summary`.
-Imports: numpy, the standard library, `cases`, `errors`, `atomic`, `segment` (and what it imports). Never
-torch, never the CLI; `evaluate` is beside it, not below.
+(`select_part`), running one case (`segment_entry`: skip a finished same run (`segment.finished_run`), else
+`segment.segment_case` with its lock, resume and atomic outputs; `run_case`: the same with its status recorded,
+a failure recorded, not raised), the single-process loop (`run_cohort`), and the cohort summary
+(`write_summary`: CSV and Markdown, one row per case, ranked by uncertainty). The Ray runner (`cohort_ray`)
+reuses `run_case` and `write_summary`; `evaluate` segments its labelled cases with `segment_entry`.
+Imports: numpy, the standard library, `cases`, `errors`, `atomic`, `outputs`, `segment` (and what it imports).
+Never torch, never the CLI; `evaluate` is beside it, not below.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .cases import classify_file, find_case
 from .errors import (DatasetError, DiffsegError, MissingModalityError, OutputBusyError, OutputError,
                      UsageError)
 from .lesions import DEFAULT_MIN_COMPONENT
+from .outputs import output_paths
 from .progress import ProgressBar
 from .sampler import SamplingPlan
 
@@ -57,7 +59,8 @@ class CohortEntry:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The parameters of a cohort run, identical for every case (what makes its cases "the same run")."""
+    """The parameters of a cohort run, identical for every case (with the model and each case's inputs they
+    decide `segment.run_identity`, "the same run"). force: segment inputs that fail the input checks (`sanity`)."""
 
     n: int
     plan: SamplingPlan
@@ -252,16 +255,15 @@ def _record(out_dir: Path, status: CaseStatus) -> None:
             pass
 
 
-def run_case(entry: CohortEntry, backend: StepBackend, out_dir: str | Path, settings: RunSettings, *,
-             model_sha: str | None = None, quiet: bool = True, command: str = "",
-             progress_factory: Callable[..., ProgressBar] = ProgressBar) -> CaseStatus:
-    """Segment one case of a cohort into `out_dir`; never raises a `DiffsegError` (it becomes a "failed"
-    status, also recorded on disk). A case whose provenance says it is finished by the same run
-    (`segment.finished_run`) is "skipped". KeyboardInterrupt and unexpected crashes propagate (the Ray
-    runner retries those)."""
+def segment_entry(entry: CohortEntry, backend: StepBackend, out_dir: str | Path, settings: RunSettings, *,
+                  model_sha: str | None = None, quiet: bool = True, command: str = "",
+                  progress_factory: Callable[..., ProgressBar] = ProgressBar) -> tuple[str, dict]:
+    """Segment one case of a cohort into `out_dir`, unless (without `settings.overwrite`) its provenance there
+    says it is finished by the same run (`segment.finished_run`): ("skipped", that provenance) or ("done", the
+    new one). Raises what `segment.resolve_case` and `segment.segment_case` raise. model_sha: the model file's
+    sha256 (`segment.model_sha256`), computed here when not given."""
     from .segment import finished_run, model_sha256, resolve_case, segment_case
     out_dir = Path(out_dir)
-    t0 = time.perf_counter()
     card = backend.card
     if model_sha is None:
         model_sha = model_sha256(backend)
@@ -269,26 +271,37 @@ def run_case(entry: CohortEntry, backend: StepBackend, out_dir: str | Path, sett
         prov = finished_run(out_dir, entry.case_id, card, backend.name, settings.plan, settings.n, settings.seed,
                             settings.save_samples, model_sha, settings.output_format, settings.min_component)
         if prov is not None:
-            status = CaseStatus(entry.case_id, "skipped", entry.source, "finished earlier by the same run",
-                                time.perf_counter() - t0, prov)
-            _record(out_dir, status)
-            return status
+            return "skipped", prov
+    case = resolve_case(list(entry.inputs), list(entry.modality_args), card, force=settings.force)
+    if case.case_id != entry.case_id:  # e.g. a 4D file named <id>.nii.gz: keep the cohort's id
+        case.case_id = entry.case_id
+    res = segment_case(case, backend, out_dir, n=settings.n, plan=settings.plan, seed=settings.seed,
+                       batch_size=settings.batch_size, overwrite=settings.overwrite, quiet=quiet,
+                       save_samples=settings.save_samples, overview=settings.overview, command=command,
+                       progress_factory=progress_factory, output_format=settings.output_format,
+                       min_component=settings.min_component)
+    return "done", res.provenance
+
+
+def run_case(entry: CohortEntry, backend: StepBackend, out_dir: str | Path, settings: RunSettings, *,
+             model_sha: str | None = None, quiet: bool = True, command: str = "",
+             progress_factory: Callable[..., ProgressBar] = ProgressBar) -> CaseStatus:
+    """`segment_entry` with its status recorded; never raises a `DiffsegError` (it becomes a "failed" status,
+    also recorded on disk). A case finished earlier by the same run is "skipped". KeyboardInterrupt and
+    unexpected crashes propagate (the Ray runner retries those)."""
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
     try:
-        case = resolve_case(list(entry.inputs), list(entry.modality_args), card, force=settings.force)
-        if case.case_id != entry.case_id:  # e.g. a 4D file named <id>.nii.gz: keep the cohort's id
-            case.case_id = entry.case_id
-        res = segment_case(case, backend, out_dir, n=settings.n, plan=settings.plan, seed=settings.seed,
-                           batch_size=settings.batch_size, overwrite=settings.overwrite, quiet=quiet,
-                           save_samples=settings.save_samples, overview=settings.overview, command=command,
-                           progress_factory=progress_factory, output_format=settings.output_format,
-                           min_component=settings.min_component)
+        what, prov = segment_entry(entry, backend, out_dir, settings, model_sha=model_sha, quiet=quiet,
+                                   command=command, progress_factory=progress_factory)
     except DiffsegError as exc:
         status = CaseStatus(entry.case_id, "failed", entry.source, f"{type(exc).__name__}: {exc}",
                             time.perf_counter() - t0)
         if not isinstance(exc, OutputBusyError):  # another run is working on it: not a failure to keep
             _record(out_dir, status)
         return status
-    status = CaseStatus(entry.case_id, "done", entry.source, "", time.perf_counter() - t0, res.provenance)
+    message = "finished earlier by the same run" if what == "skipped" else ""
+    status = CaseStatus(entry.case_id, what, entry.source, message, time.perf_counter() - t0, prov)
     _record(out_dir, status)
     return status
 
@@ -332,7 +345,6 @@ SUMMARY_COLUMNS = ("uncertainty_rank", "case_id", "status", "lesion_ml", "lesion
 
 
 def _prov_from_disk(out_dir: Path, case_id: str) -> dict | None:
-    from .segment import output_paths
     try:
         prov = json.loads(output_paths(out_dir, case_id)["provenance"].read_text())
     except (OSError, ValueError):
@@ -345,7 +357,7 @@ def _lesion_of(out_dir: Path, prov: dict) -> dict:
     if isinstance(prov.get("lesion"), dict):
         return prov["lesion"]
     from .nifti_io import load_image
-    from .segment import lesion_summary, output_paths
+    from .segment import lesion_summary
     paths = output_paths(out_dir, prov["case_id"])
     try:
         mask, var = load_image(paths["mask"]), load_image(paths["variance"])

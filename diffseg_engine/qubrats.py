@@ -2,7 +2,8 @@
 its score, computed exactly as the challenge's own scorer does.
 
 Owns: `binary_entropy`, `uncertainty_map` (the 0-100 map this engine submits), `submission_paths`,
-`label_map` and `score` / `QuBratsScore`. Imports: numpy only.
+`label_map` and `score` / `QuBratsScore`. Imports: numpy, and `outputs` (where the submission's file names are
+defined with the engine's other output names).
 
 The scorer is `BraTS_Seg_Uncertainty.py` of github.com/RagMeh11/QU-BraTS (the challenge organisers' code):
 * uncertainty maps hold values in [0, 100]; 0 = certain, 100 = most uncertain;
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .outputs import SUBMISSION_KEYS, output_paths
 
 #: The challenge's uncertainty thresholds (num_points = 4 in the organisers' scorer).
 THRESHOLDS = (0.0, 25.0, 50.0, 75.0, 100.0)
@@ -61,7 +64,7 @@ def label_map(mask: np.ndarray) -> np.ndarray:
 
 def submission_paths(out_dir: Path, case_id: str) -> dict[str, Path]:
     """{"label": <ID>.nii.gz, "unc_whole": <ID>_unc_whole.nii.gz}, the names the challenge expects."""
-    return {"label": Path(out_dir) / f"{case_id}.nii.gz", "unc_whole": Path(out_dir) / f"{case_id}_unc_whole.nii.gz"}
+    return output_paths(out_dir, case_id, SUBMISSION_KEYS)
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 Owns: resolving and validating the user's inputs for the model's modalities (`resolve_case`, which also
 preprocesses, so every input error surfaces before a model is loaded), the checks on `--out`
-(`check_output`), the default batch size, the output names and the provenance record, and `segment_case`,
+(`check_output`), the default batch size, the provenance record, and `segment_case`,
 which ties preprocessing, the sampler, a backend and the inverse preprocessing together: under a per-case
 lock (`lock`), saving each finished chunk (`partial`) so that an interrupted run resumes, writing all maps
-together (`atomic.AtomicFiles`) and the provenance JSON last, as the mark of a finished case.
+together (`atomic.AtomicFiles`) and the provenance JSON last, as the mark of a finished case. The files'
+names are `outputs`' (`output_paths` is re-exported here for its callers).
 Imports: numpy, nibabel (via nifti_io), the runtime modules below it. Never torch (the torch backend is
 opened through `backends.open_backend` only when asked for).
 """
@@ -35,16 +36,16 @@ from .lock import OutputLock
 from .noise import NoiseStreams
 from .nifti_io import LoadedImage, encode_like, load_image
 from .options import check_sampling_options
+from .outputs import SUBMISSION_KEYS, SUFFIXES, output_paths
 from .partial import PartialRun, describe_mismatch
 from .preprocess import PreparedCase, prepare_case, restore
 from .progress import ProgressBar
 from .sanity import check_case
-from .qubrats import WHOLE_TUMOUR_LABEL, binary_entropy, label_map, submission_paths, uncertainty_map
+from .qubrats import WHOLE_TUMOUR_LABEL, binary_entropy, label_map, uncertainty_map
 from .sampler import SamplingPlan, sample_ensemble
 from .weights import file_sha256 as _sha256
 
-OUTPUT_SUFFIXES = ("mean", "variance", "entropy", "mask", "provenance", "overview")
-#: `--format`: nifti (the maps above) or qubrats (also `<ID>.nii.gz` and `<ID>_unc_whole.nii.gz`, see `qubrats`).
+#: `--format`: nifti (`outputs.RUN_KEYS`) or qubrats (also `<ID>.nii.gz` and `<ID>_unc_whole.nii.gz`, see `qubrats`).
 OUTPUT_FORMATS = ("nifti", "qubrats")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"
 DEMO_INPUT = Path(__file__).resolve().parent / "demo" / "TCGA-DU-7294_flair.nii.gz"
@@ -238,15 +239,8 @@ def default_batch_size(card: ModelCard, work_items: int, device: str = "cpu") ->
     return int(max(1, min(cap, work_items, (avail // 4) // max(per_item, 1))))
 
 
-def output_paths(out_dir: Path, case_id: str) -> dict[str, Path]:
-    return {"mean": out_dir / f"{case_id}_mean.nii.gz", "variance": out_dir / f"{case_id}_variance.nii.gz",
-            "entropy": out_dir / f"{case_id}_entropy.nii.gz", "mask": out_dir / f"{case_id}_mask.nii.gz", "provenance": out_dir / f"{case_id}_provenance.json",
-            "overview": out_dir / f"{case_id}_overview.png"}
-
-
 def _all_outputs(out_dir: Path, case_id: str) -> dict[str, Path]:
-    return {**output_paths(out_dir, case_id), "samples": out_dir / f"{case_id}_samples.nii.gz",
-            **submission_paths(out_dir, case_id)}
+    return output_paths(out_dir, case_id, tuple(SUFFIXES))
 
 
 def check_output(out_dir: str | Path, case: CaseInput, *, overwrite: bool = False) -> None:
@@ -400,7 +394,8 @@ def finished_run(out_dir: str | Path, case_id: str, card: ModelCard, backend_nam
     maps = output_paths(Path(out_dir), case_id)
     if not all(maps[k].is_file() for k in ("mean", "variance", "mask")):
         return None
-    if output_format == "qubrats" and not all(p.is_file() for p in submission_paths(Path(out_dir), case_id).values()):
+    if output_format == "qubrats" and not all(
+            p.is_file() for p in output_paths(Path(out_dir), case_id, SUBMISSION_KEYS).values()):
         return None  # finished as plain maps; the submission files are still to be written
     want = run_identity(case_id, card, backend_name, plan, n, seed, save_samples,
                         {m: _sha256(p) for m, p in inputs.items()}, model_sha, min_component)
@@ -549,9 +544,9 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     mask = cleaned.mask
     entropy = binary_entropy(mean).astype(np.float32)
     if output_format == "qubrats":
-        paths.update(submission_paths(out_dir, case.case_id))
+        paths.update(output_paths(out_dir, case.case_id, SUBMISSION_KEYS))
     if save_samples:
-        paths["samples"] = out_dir / f"{case.case_id}_samples.nii.gz"
+        paths.update(output_paths(out_dir, case.case_id, ("samples",)))
     picture = _overview_png(case, card, plan, n, seed, mean, variance) if overview else None
     if picture is None:
         paths.pop("overview")
@@ -572,7 +567,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
         paths["provenance"].unlink(missing_ok=True)
         files.commit()
     if output_format != "qubrats":  # --overwrite of a qubrats run: no stale submission beside the new maps
-        for stale in submission_paths(out_dir, case.case_id).values():
+        for stale in output_paths(out_dir, case.case_id, SUBMISSION_KEYS).values():
             stale.unlink(missing_ok=True)
     timings["write_s"] = time.perf_counter() - t2
     prov = {

@@ -44,7 +44,7 @@ def model(tmp_path_factory) -> Path:
     from diffseg_engine.weights import save_weights
     tmp = tmp_path_factory.mktemp("cohort_model")
     card = build_card(get_preset("tiny"), ("flair",), name="test-cohort").replace(preprocessing=SMALL_PREP)
-    from _perturb import perturbed
+    from diffseg_engine.train.perturb import perturbed
     net = perturbed(UNetModel(card.architecture), seed=3)
     weights = tmp / "cohort.safetensors"
     save_weights(weights, {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}, card)
@@ -267,6 +267,43 @@ def test_cohort_honours_format_force_and_threads(shared_data, model, tmp_path, m
     assert code == 0 and "0 done, 2 skipped" in text, text
     code, text = _cli(*args)  # plain maps, unforced: the finished forced run holds them all
     assert code == 0 and "0 done, 2 skipped" in text, text
+
+
+def test_evaluate_scores_a_cohort_run_without_sampling_it_again(shared_data, model, tmp_path, monkeypatch):
+    """One definition of "the same run" (`segment.finished_run`): `evaluate` takes the cases a cohort `segment
+    --save-samples` wrote into its predictions folder as they are, and refuses to mix in another run's (another
+    seed, or an input file that changed since)."""
+    from diffseg_engine import evaluate as E
+    from diffseg_engine.errors import OutputError
+    from diffseg_engine.segment import open_model
+    _no_overview(monkeypatch)
+    cid = GOOD[0]
+    src = tmp_path / "cohort"
+    (src / cid).mkdir(parents=True)
+    for kind in ("flair", "seg"):
+        (src / cid / f"{cid}_{kind}.nii.gz").symlink_to(shared_data / "train" / cid / f"{cid}_{kind}.nii.gz")
+    out = tmp_path / "eval"
+    code, text = _cli(src, "--model", model, "--out", out / "predictions", "--n", 2, "--sampler", "ddpm", "--steps", 2,
+                      "--batch-size", BATCH, "--save-samples", "--quiet")
+    assert code == 0 and "1 done" in text, text
+    eng = open_model(model, "onnxruntime", "cpu")
+    calls = []
+    inner = eng.infer
+    monkeypatch.setattr(eng, "infer", lambda *a: calls.append(1) or inner(*a))
+    settings = _settings(model)
+    res = E.evaluate_folder(src, out, backend=eng, plan=settings.plan, n=2, batch_size=BATCH, quiet=True, n_levels=5)
+    (sc,) = res.scores
+    assert not calls and sc.ok and sc.curve.n_members == 2 and sc.uncertainty is not None
+    for p in res.reports.values():
+        p.unlink()
+    with pytest.raises(OutputError, match="already holds results"):  # another seed: not the same run
+        E.evaluate_folder(src, out, backend=eng, plan=settings.plan, n=2, seed=1, batch_size=BATCH, quiet=True)
+    flair = src / cid / f"{cid}_flair.nii.gz"
+    flair.unlink()
+    flair.symlink_to(shared_data / "train/BraTS18_CBICA_ASK/BraTS18_CBICA_ASK_flair.nii.gz")  # same grid, new image
+    with pytest.raises(OutputError, match="already holds results"):
+        E.evaluate_folder(src, out, backend=eng, plan=settings.plan, n=2, batch_size=BATCH, quiet=True)
+    assert not calls
 
 
 # --------------------------------------------------------------------------------------------- Ray

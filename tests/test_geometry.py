@@ -20,8 +20,7 @@ from diffseg_engine.cases import find_case
 from diffseg_engine.errors import InputImageError, UsageError
 from diffseg_engine.geometry import SPACING_TOLERANCE, check_orientation, lr_network_axis
 from diffseg_engine.nifti_io import load_image
-from diffseg_engine.preprocess import (prepare_case, prepare_geometry, prepare_label, prepare_map, restore,
-                                       to_axial)
+from diffseg_engine.preprocess import (prepare_case, prepare_geometry, prepare_label, prepare_map, restore)
 
 ALL4 = ["t1", "t1ce", "t2", "flair"]
 AOO = "BraTS18_CBICA_AOO"

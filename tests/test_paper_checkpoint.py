@@ -17,12 +17,12 @@ pytest.importorskip("onnxruntime")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from _perturb import perturbed  # noqa: E402
 from diffseg_engine.card import Architecture  # noqa: E402
 from diffseg_engine.cli import app  # noqa: E402
 from diffseg_engine.errors import EXIT_CODES, ModelFileError  # noqa: E402
 from diffseg_engine.export.onnx_export import check_parity  # noqa: E402
 from diffseg_engine.export.paper_checkpoint import convert_checkpoint  # noqa: E402
+from diffseg_engine.train.perturb import perturbed  # noqa: E402
 from diffseg_engine.train.unet import UNetModel  # noqa: E402
 from diffseg_engine.weights import load_weights  # noqa: E402
 

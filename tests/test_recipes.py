@@ -19,20 +19,20 @@ from diffseg_engine.backends.torch_ref import TorchBackend  # noqa: E402
 from diffseg_engine.card import Preprocessing  # noqa: E402
 from diffseg_engine.cli import app  # noqa: E402
 from diffseg_engine.ensemble import member_probability  # noqa: E402
-from diffseg_engine.errors import ModelFileError, UsageError  # noqa: E402
+from diffseg_engine.errors import ModelFileError  # noqa: E402
 from diffseg_engine.export.onnx_export import check_parity, export_onnx  # noqa: E402
-from diffseg_engine.noise import BatchNoise, NoiseStreams  # noqa: E402
+from diffseg_engine.noise import NoiseStreams  # noqa: E402
 from diffseg_engine.sampler import chosen_plan, plan_sampling, sample_ensemble  # noqa: E402
 from diffseg_engine.schedule import apply_step, q_sample, tables_for  # noqa: E402
 from diffseg_engine.train.data import BatchSampler, SliceSet  # noqa: E402
 from diffseg_engine.train.losses import TorchTables, x0_loss  # noqa: E402
 from diffseg_engine.train.loop import TrainConfig, train  # noqa: E402
+from diffseg_engine.train.perturb import perturbed  # noqa: E402
 from diffseg_engine.train.presets import build_card, get_preset  # noqa: E402
 from diffseg_engine.train.reference import reference_sample  # noqa: E402
 from diffseg_engine.train.step import build_step  # noqa: E402
 from diffseg_engine.train.unet import UNetModel  # noqa: E402
 from diffseg_engine.weights import load_weights, save_weights  # noqa: E402
-from _perturb import perturbed  # noqa: E402
 
 SMALL_PREP = Preprocessing(crop_size=224, downsample=14)  # 16x16 network grid
 

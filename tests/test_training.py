@@ -11,7 +11,7 @@ import torch
 from diffseg_engine.backends.base import read_card
 from diffseg_engine.errors import ModelFileError, UsageError
 from diffseg_engine.schedule import tables_for
-from diffseg_engine.train.data import FLIP_AUGMENTATION, BatchSampler, labelled_cases, load_slices, split_cases
+from diffseg_engine.train.data import BatchSampler, labelled_cases, load_slices, split_cases
 from diffseg_engine.train.losses import TorchTables, hybrid_loss, segmentation_loss
 from diffseg_engine.train.loop import TrainConfig, train
 from diffseg_engine.train.presets import build_card, get_preset

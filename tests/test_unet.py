@@ -11,9 +11,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _perturb import perturbed  # noqa: E402
 from diffseg_engine.card import Architecture  # noqa: E402
 from diffseg_engine.errors import ModelFileError  # noqa: E402
+from diffseg_engine.train.perturb import perturbed  # noqa: E402
 from diffseg_engine.train.unet import (  # noqa: E402
     AttentionBlock,
     UNetModel,
