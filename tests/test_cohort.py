@@ -307,19 +307,35 @@ def test_evaluate_scores_a_cohort_run_without_sampling_it_again(shared_data, mod
 
 
 # --------------------------------------------------------------------------------------------- Ray
+#: A hard limit on each Ray test, its fixtures' setup and teardown included (pytest-timeout, in the `test`
+#: extra): should anything in Ray ever hang, pytest prints every thread's stack and exits with status 1 instead
+#: of stalling CI. The "thread" method, because a signal cannot interrupt a driver blocked in Ray: Ray's
+#: signal check turns only KeyboardInterrupt into an error and drops any other exception a signal handler raises
+#: (a 15 s limit of the "signal" method let a 40 s `ray.wait` run to its end). `schedule` itself never blocks
+#: for more than seconds, so this is a backstop that should never fire. Measured: 5-40 s per test here.
+RAY_TIME_LIMIT_S = 300
+ray_time_limit = pytest.mark.timeout(RAY_TIME_LIMIT_S, method="thread")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if os.environ.get("DIFFSEG_RAY_TESTS") != "1":
-        pytest.skip("Ray tests are opt-in (DIFFSEG_RAY_TESTS=1, `pip install 'diffseg-engine[ray]'`): on this 2-core "
-                    "machine the worker-death retry test once hung with a defunct worker, and a hang would stall CI")
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    """A real local Ray cluster of 2 CPUs on this machine (not local mode), shared by the Ray tests below.
+
+    Its workers run at the tests' own priority: Ray starts them at niceness 15 by default, and on a machine busy
+    with other work they then crawl (a case took 115-120 s instead of 10-12 s beside three other jobs on the
+    2 cores here), which would make the time limit a lottery."""
+    ray = pytest.importorskip("ray", reason="the ray package is not installed (it is in the `test` extra)")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             _system_config={"worker_niceness": 0})
     yield ray
     ray.shutdown()
 
 
 @pytest.mark.slow
+@ray_time_limit
 def test_ray_run_gives_the_single_process_files_byte_for_byte(ray_cluster, reference_run, model, tmp_path):
+    """`run_cohort_ray` on the real cluster (one `SegmentWorker` per CPU, each asking for 1 CPU) writes the
+    single-process run's files byte for byte (and the job-array parts do too: the test above)."""
     src, ref = reference_run
     out = tmp_path / "ray"
     res = segment_cohort(src, out, model, _settings(model), use_ray=True, quiet=True)
@@ -333,12 +349,10 @@ def test_ray_run_gives_the_single_process_files_byte_for_byte(ray_cluster, refer
     assert {s.status for s in res.statuses} == {"skipped"}
 
 
-@pytest.mark.slow
-def test_ray_schedule_retries_a_case_whose_worker_died(ray_cluster, tmp_path):
-    from diffseg_engine.cohort_ray import schedule
-    ray = ray_cluster
-
-    class FlakyWorker:  # defined here: Ray ships it to the worker by value
+def _actor_classes():
+    """FlakyWorker (its first call kills its process), AlwaysCrashes (run raises), Quick: defined in a function
+    so that Ray ships them to the workers by value (the workers cannot import this test module)."""
+    class FlakyWorker:
         def run(self, entry):
             marker = Path(entry.inputs[0])
             if not marker.exists():  # the first attempt kills the worker process
@@ -351,16 +365,75 @@ def test_ray_schedule_retries_a_case_whose_worker_died(ray_cluster, tmp_path):
         def run(self, entry):
             raise RuntimeError("engine crashed")
 
+    class Quick:
+        def run(self, entry):
+            return {"case_id": entry.case_id, "status": "done", "source": "", "message": "", "seconds": 0.0,
+                    "provenance": {}}
+    return FlakyWorker, AlwaysCrashes, Quick
+
+
+#: The test actors ask for half a CPU, so that each fits beside those still alive. With 1 CPU each, the two
+#: restarted FlakyWorkers held both of the cluster's CPUs, AlwaysCrashes stayed pending for ever and the old
+#: `schedule` waited for it: the hang that had made these tests opt-in (now `schedule` gives such a worker up,
+#: the next test shows). A restarted actor also never waits for the CPU of the process that died.
+HALF_CPU = {"num_cpus": 0.5}
+
+
+@pytest.mark.slow
+@ray_time_limit
+def test_ray_schedule_retries_a_case_whose_worker_died(ray_cluster, tmp_path):
+    """A case whose worker process died is retried on the worker Ray restarted; one whose run() raises is
+    retried on the same live worker, then reported with the error."""
+    from diffseg_engine.cohort_ray import schedule
+    ray = ray_cluster
+    FlakyWorker, AlwaysCrashes, _ = _actor_classes()
     entries = [CohortEntry("A", inputs=(tmp_path / "a.marker",)), CohortEntry("B", inputs=(tmp_path / "b.marker",))]
-    actors = [ray.remote(max_restarts=3, num_cpus=1)(FlakyWorker).remote() for _ in range(2)]
+    actors = [ray.remote(max_restarts=3, **HALF_CPU)(FlakyWorker).remote() for _ in range(2)]
     retried = []
-    statuses = schedule(actors, entries, retries=2, on_retry=lambda e, k, exc: retried.append((e.case_id, k)))
+    statuses = schedule(actors, entries, retries=2, start_timeout=120,
+                        on_retry=lambda e, k, exc: retried.append((e.case_id, k)))
     assert [(s.case_id, s.status) for s in statuses] == [("A", "done"), ("B", "done")]
     assert sorted(retried) == [("A", 1), ("B", 1)]
-    bad = [ray.remote(num_cpus=1)(AlwaysCrashes).remote()]
-    statuses = schedule(bad, entries[:1], retries=1)
+    bad = [ray.remote(**HALF_CPU)(AlwaysCrashes).remote()]  # run() raises: retried on the same, live worker
+    statuses = schedule(bad, entries[:1], retries=1, start_timeout=120)
     assert statuses[0].status == "failed" and "failed 2 times on Ray" in statuses[0].message
     assert "engine crashed" in statuses[0].message
+    for a in actors + bad:
+        ray.kill(a)
+
+
+@pytest.mark.slow
+@ray_time_limit
+def test_ray_schedule_never_waits_for_ever_on_a_worker(ray_cluster, tmp_path):
+    """Ray keeps an actor it cannot place pending for ever; `schedule` gives it up after `start_timeout` (the
+    other workers run the cases, or with none left the cases fail), and gives up one that died for good."""
+    import time
+
+    from diffseg_engine.cohort_ray import schedule
+    ray = ray_cluster
+    FlakyWorker, _, Quick = _actor_classes()
+    entries = [CohortEntry(c, inputs=(tmp_path / f"{c}.marker",)) for c in "ABC"]
+    nowhere = {"num_cpus": 0, "resources": {"a_resource_no_node_has": 1}}
+    t0 = time.monotonic()
+    # one worker that cannot be placed beside one that works (started already, so that the 3 s bound only the
+    # other): the working one runs every case
+    works = ray.remote(**HALF_CPU)(Quick).remote()
+    ray.get(works.__ray_ready__.remote(), timeout=120)
+    actors = [ray.remote(**nowhere)(Quick).remote(), works]
+    statuses = schedule(actors, entries, start_timeout=3)
+    assert [(s.case_id, s.status) for s in statuses] == [(c, "done") for c in "ABC"]
+    # no worker can be placed: every case fails once the start time is up
+    statuses = schedule([ray.remote(**nowhere)(Quick).remote()], entries, start_timeout=3)
+    assert {s.status for s in statuses} == {"failed"}
+    assert all("not run on Ray: no worker left (a worker did not start within 3 s" in s.message for s in statuses)
+    # the only worker dies for good (no restarts left): its case and the rest fail, nothing waits
+    once = [ray.remote(max_restarts=0, **HALF_CPU)(FlakyWorker).remote()]
+    statuses = schedule(once, entries, retries=2, start_timeout=120)
+    assert {s.status for s in statuses} == {"failed"}
+    assert all("not run on Ray: no worker left (ActorDiedError" in s.message for s in statuses), statuses
+    assert time.monotonic() - t0 < 60
+    for a in actors + once:
+        ray.kill(a)
 
 
 # --------------------------------------------------------------------------------------------- Python API
