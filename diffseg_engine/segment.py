@@ -507,7 +507,8 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     if start == 0:
         partial.start({"fingerprint": fingerprint, "batch_size": bs})
     else:
-        log.info("%s: resuming after %d of %d finished work items", case.case_id, start, items)
+        log.info("%s: resuming after %d of %s%d work items", case.case_id, start, "at most " if auto else "",
+                 rounds.planned_items(start))
     backend.allocate(bs)
     streams = NoiseStreams(seed, case.case_id)
     K = len(plan.coefs)
