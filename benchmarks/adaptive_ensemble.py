@@ -25,20 +25,24 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _host import cpu_busy_s, cpu_info  # noqa: E402
+from _host import cpu_busy_s, cpu_info, own_cpu_s  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_case(case_dir: Path, backend, plan, size, batch_size: int, seed: int) -> dict:
-    """One `segment_case` run into a temporary folder: maps, provenance and wall times."""
+    """One `segment_case` run into a temporary folder: maps, provenance, wall and CPU times, and how busy the
+    whole machine was meanwhile (other processes share these cores)."""
     from diffseg_engine.segment import resolve_case, segment_case
-    t0 = time.perf_counter()
+    t0, cpu0, busy0 = time.perf_counter(), own_cpu_s(), cpu_busy_s()
     case = resolve_case([case_dir], [], backend.card)
     with tempfile.TemporaryDirectory(prefix="adaptive-") as tmp:
         res = segment_case(case, backend, Path(tmp), n=size, plan=plan, seed=seed, batch_size=batch_size,
                            quiet=True, overview=False, command="benchmarks/adaptive_ensemble.py")
-    return {"wall_s": time.perf_counter() - t0, "sampling_s": res.provenance["timings"]["sampling_s"],
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "sampling_s": res.provenance["timings"]["sampling_s"],
+            "cpu_s": own_cpu_s() - cpu0, "others_busy_cores": max(0.0, (cpu_busy_s() - busy0 - (own_cpu_s() - cpu0))
+                                                                   / max(wall, 1e-9)),
             "mean": res.mean, "variance": res.variance, "mask": res.mask, "prov": res.provenance,
             "members": int(res.provenance["sampling"]["work_items"])}
 
@@ -83,7 +87,8 @@ def main() -> None:
         for kind in order:
             runs[kind] = run_case(case_dir, backend, plan, M if kind == "fixed" else auto, args.batch_size,
                                   args.seed)
-            print(f"{cid} {kind}: {runs[kind]['members']} members, sampling {runs[kind]['sampling_s']:.1f} s",
+            print(f"{cid} {kind}: {runs[kind]['members']} members, sampling {runs[kind]['sampling_s']:.1f} s, "
+                  f"CPU {runs[kind]['cpu_s']:.1f} s, other processes {runs[kind]['others_busy_cores']:.2f} cores",
                   flush=True)
         f, a = runs["fixed"], runs["auto"]
         members = a["prov"]["sampling"]["members"]
@@ -105,6 +110,10 @@ def main() -> None:
             "sampling_speedup": round(f["sampling_s"] / a["sampling_s"], 2),
             "wall_s_fixed": round(f["wall_s"], 1), "wall_s_auto": round(a["wall_s"], 1),
             "wall_speedup": round(f["wall_s"] / a["wall_s"], 2),
+            "cpu_s_fixed": round(f["cpu_s"], 1), "cpu_s_auto": round(a["cpu_s"], 1),
+            "cpu_speedup": round(f["cpu_s"] / a["cpu_s"], 2),
+            "others_busy_cores_fixed": round(f["others_busy_cores"], 2),
+            "others_busy_cores_auto": round(a["others_busy_cores"], 2),
             "dice3d_fixed": round(dice(f["mask"], gt), 4), "dice3d_auto": round(dice(a["mask"], gt), 4),
             "mask_voxels_differing": int((a["mask"] != f["mask"]).sum()),
             "mean_absdiff_max": float(dmean.max()), "mean_absdiff_mean": float(dmean.mean()),
@@ -120,7 +129,8 @@ def main() -> None:
     elapsed = time.perf_counter() - t_all
     busy = (cpu_busy_s() - busy0) / max(elapsed, 1e-9)
     tot = {k: sum(r[k] for r in rows) for k in ("members_fixed", "members_auto", "sampling_s_fixed",
-                                                 "sampling_s_auto", "wall_s_fixed", "wall_s_auto")}
+                                                 "sampling_s_auto", "wall_s_fixed", "wall_s_auto", "cpu_s_fixed",
+                                                 "cpu_s_auto")}
     info = cpu_info()
     result = {"command": command, "model": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
               "plan": plan.describe(), "fixed_n": M, "auto": auto.describe(), "batch_size": args.batch_size,
@@ -144,17 +154,20 @@ def markdown(r: dict) -> str:
          f"and its variance by less than {a['n_tol']} at every pixel (checked from the second round on), at "
          f"most {a['n_max']}. Whole volumes through `segment_case` (maps restored to the input grid and written, "
          f"no overview picture); the two runs of a case alternate in order. One run each on the shared machine "
-         f"(mean busy cores over the whole benchmark: {r['machine_busy_cores_mean']}), so times carry its noise.",
+         f"(mean busy cores over the whole benchmark, this process included: {r['machine_busy_cores_mean']}); "
+         f"\"others\" is how many cores other processes kept busy during a run. Wall times carry that noise; "
+         f"this process's CPU seconds (all its threads) much less so.",
          "",
          "| case | slices (with tumour) | members fixed / auto | ratio | sampling s fixed / auto | speed-up | "
-         "wall s fixed / auto | 3D Dice fixed / auto | mask voxels differing | mean: max / mean abs diff | "
-         "variance: max / mean abs diff | slices stopped early (tumour / tumour-free) | mean members tumour / "
-         "tumour-free slices |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "CPU s fixed / auto | CPU ratio | others (cores) fixed / auto | 3D Dice fixed / auto | "
+         "mask voxels differing | mean: max / mean abs diff | variance: max / mean abs diff | "
+         "slices stopped early (tumour / tumour-free) | mean members tumour / tumour-free slices |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
         L.append(f"| {c['case']} | {c['slices']} ({c['slices_with_tumour']}) | {c['members_fixed']} / "
                  f"{c['members_auto']} | {c['member_ratio']}× | {c['sampling_s_fixed']} / {c['sampling_s_auto']} | "
-                 f"{c['sampling_speedup']}× | {c['wall_s_fixed']} / {c['wall_s_auto']} | {c['dice3d_fixed']} / "
+                 f"{c['sampling_speedup']}× | {c['cpu_s_fixed']} / {c['cpu_s_auto']} | {c['cpu_speedup']}× | "
+                 f"{c['others_busy_cores_fixed']} / {c['others_busy_cores_auto']} | {c['dice3d_fixed']} / "
                  f"{c['dice3d_auto']} | {c['mask_voxels_differing']} | {c['mean_absdiff_max']:.3g} / "
                  f"{c['mean_absdiff_mean']:.2g} | {c['variance_absdiff_max']:.3g} / {c['variance_absdiff_mean']:.2g} "
                  f"| {c['stopped_early']} ({c['stopped_early_tumour_slices']} / "
@@ -163,8 +176,10 @@ def markdown(r: dict) -> str:
     L += ["", f"Total: {t['members_fixed']} members fixed, {t['members_auto']} auto "
               f"({t['members_fixed'] / t['members_auto']:.2f}× fewer, {100 * (1 - t['members_auto'] / t['members_fixed']):.0f} % "
               f"saved); sampling {t['sampling_s_fixed']:.1f} s fixed, {t['sampling_s_auto']:.1f} s auto "
-              f"({t['sampling_s_fixed'] / t['sampling_s_auto']:.2f}×); wall {t['wall_s_fixed']:.1f} s fixed, "
-              f"{t['wall_s_auto']:.1f} s auto ({t['wall_s_fixed'] / t['wall_s_auto']:.2f}×).", "",
+              f"({t['sampling_s_fixed'] / t['sampling_s_auto']:.2f}×); wall (with preprocessing and writing) "
+              f"{t['wall_s_fixed']:.1f} s fixed, {t['wall_s_auto']:.1f} s auto "
+              f"({t['wall_s_fixed'] / t['wall_s_auto']:.2f}×); CPU {t['cpu_s_fixed']:.1f} s fixed, "
+              f"{t['cpu_s_auto']:.1f} s auto ({t['cpu_s_fixed'] / t['cpu_s_auto']:.2f}×).", "",
           "Where the slices stopped (members: slices):", ""]
     for c in r["cases"]:
         L.append(f"- {c['case']}: " + ", ".join(f"{k}: {v}" for k, v in c["counts_histogram"].items()))
