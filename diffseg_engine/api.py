@@ -4,7 +4,8 @@ Owns: `Segmenter` (a model loaded once, sampling settings fixed; maps a volume -
 nibabel image -- to mean, variance and mask arrays on the input grid, writing no file), `Segmentation` (those
 maps and the lesion numbers), and `segment_paths` (files in, files out: one case or a cohort, as the
 ``segment`` command). The maps are exactly those `segment` writes for the same case id, seed and settings.
-Imports: numpy, the runtime modules (`segment`, `cohort`, `sampler`, `preprocess`, `noise`, `options`).
+Imports: numpy, the runtime modules (`segment`, `cohort`, `sampler`, `preprocess`, `noise`, `options`,
+`ensemble`).
 Never torch (unless backend="torch" is asked for), never the CLI.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .ensemble import AutoN, ensemble_identity, is_auto, max_members
 from .errors import InputImageError, MissingModalityError, UsageError
 from .lesions import DEFAULT_MIN_COMPONENT, lesion_mask
 from .noise import NoiseStreams
@@ -33,12 +35,17 @@ class Segmentation:
     mask: np.ndarray  # uint8 {0, 1}: mean > 0.5 without components under min_component of the largest
     affine: np.ndarray  # [4, 4] voxel -> world, the input's
     lesion: dict  # `segment.lesion_summary`: lesion_ml, mean_variance_in_lesion, uncertain_ml, ...
-    settings: dict  # sampler, steps, eta, n, seed, backend, device
+    settings: dict  # sampler, steps, eta, n (and n_min, n_step, n_max, n_tol for auto), seed, backend, device
+    members: np.ndarray | None = None  # n="auto": uint16, the members each voxel's slice got (`segment.members_map`)
+    members_per_slice: np.ndarray | None = None  # int [S]: members of each processed slice, in `slice_index` order
+    slice_index: np.ndarray | None = None  # int [S]: the processed slices, voxel indices along the slice axis
 
     def to_nifti(self) -> dict[str, Any]:
-        """The three maps as nibabel images on the input's affine (nothing is written)."""
+        """The maps as nibabel images on the input's affine (nothing is written): mean, variance, mask, and
+        for n="auto" members."""
         import nibabel as nib
-        return {k: nib.Nifti1Image(getattr(self, k), self.affine) for k in ("mean", "variance", "mask")}
+        keys = ("mean", "variance", "mask") + (("members",) if self.members is not None else ())
+        return {k: nib.Nifti1Image(getattr(self, k), self.affine) for k in keys}
 
 
 def _zooms(affine: np.ndarray) -> tuple[float, float, float]:
@@ -54,25 +61,29 @@ class Segmenter:
         out.mean, out.variance, out.mask          # numpy arrays on the input grid
 
     model: a .onnx or .safetensors file (None: the shipped default). sampler, steps, eta, mirror (odd members
-    on the left-right mirror image): None takes the model card's. n: members per slice. seed and the case id decide the noise: same seed, same maps.
-    min_component: the mask's clean-up (`lesions.lesion_mask`; 0 keeps every component). force: segment
-    volumes that fail the input checks (not skull-stripped, not the model's modality, brain beyond the crop
-    window) with a logged warning instead of `InputImageError`.
+    on the left-right mirror image): None takes the model card's. n: members per slice, or "auto" (as
+    ``--n auto``: rounds of members until a slice's mean and variance settle, with n_max, n_min, n_step and
+    n_tol as the ``--n-*`` options; None: their defaults). seed and the case id decide the noise: same seed,
+    same maps. min_component: the mask's clean-up (`lesions.lesion_mask`; 0 keeps every component). force:
+    segment volumes that fail the input checks (not skull-stripped, not the model's modality, brain beyond
+    the crop window) with a logged warning instead of `InputImageError`.
     """
 
-    def __init__(self, model: str | Path | None = None, *, n: int = 5, sampler: str | None = None,
+    def __init__(self, model: str | Path | None = None, *, n: int | str | AutoN = 5, sampler: str | None = None,
                  steps: int | None = None, eta: float | None = None, seed: int = 0, batch_size: int = 0,
-                 backend: str = "onnxruntime", device: str = "auto",
+                 backend: str = "onnxruntime", device: str = "auto", n_max: int | None = None,
+                 n_min: int | None = None, n_step: int | None = None, n_tol: float | None = None,
                  min_component: float = DEFAULT_MIN_COMPONENT, force: bool = False, mirror: bool | None = None):
         from .segment import default_model, open_model
-        check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
-                               backend=backend, device=device, min_component=min_component)
+        size = check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler,
+                                      eta=eta, backend=backend, device=device, n_max=n_max, n_min=n_min,
+                                      n_step=n_step, n_tol=n_tol, min_component=min_component)
         self.min_component, self.force = float(min_component), bool(force)
         self.model = Path(model) if model is not None else default_model()
         self.engine = open_model(self.model, backend, device)
         self.card = self.engine.card
         self.plan = chosen_plan(self.card, sampler, steps, eta, mirror)
-        self.n, self.seed, self.batch_size = int(n), int(seed), int(batch_size)
+        self.n, self.seed, self.batch_size = size, int(seed), int(batch_size)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -83,24 +94,25 @@ class Segmenter:
         return self.segment(image, affine, **kw)
 
     def segment(self, image: Any, affine: np.ndarray | None = None, *, case_id: str = "case",
-                n: int | None = None, seed: int | None = None) -> Segmentation:
+                n: int | str | AutoN | None = None, seed: int | None = None) -> Segmentation:
         """Segment one volume in memory; no file is read or written.
 
         image: a nibabel image (3D; or 4D with the modalities on the last axis in `modalities` order), a numpy
         array [X, Y, Z] (single-modality models) or [X, Y, Z, C], a sequence of [X, Y, Z] arrays or images in
         `modalities` order, or a mapping modality -> array or image. affine: [4, 4], needed for arrays (taken
         from the image otherwise). case_id and seed pick the noise streams (`segment` uses the case folder's
-        name or the file's case id: pass the same to get its maps exactly).
+        name or the file's case id: pass the same to get its maps exactly). n: this call's ensemble size (an
+        int, "auto" with the default --n-* values, or an `ensemble.AutoN`); None: the Segmenter's.
         """
         n = self.n if n is None else n
         seed = self.seed if seed is None else seed
-        check_sampling_options(n=n, seed=seed, batch_size=self.batch_size)
+        n = check_sampling_options(n=n, seed=seed, batch_size=self.batch_size)
         vols, affine = self._volumes(image, affine)
         from .segment import prepare_checked
         prepared, _, _ = prepare_checked(vols, affine, _zooms(affine), self.card, force=self.force)
         S = len(prepared.inputs)
-        from .segment import default_batch_size, lesion_summary
-        bs = self.batch_size or default_batch_size(self.card, S * n, self.engine.device)
+        from .segment import default_batch_size, lesion_summary, members_map
+        bs = self.batch_size or default_batch_size(self.card, S * max_members(n), self.engine.device)
         self.engine.allocate(bs)
         stats = sample_ensemble(self.engine.infer, prepared.inputs, members=n, plan=self.plan,
                                 streams=NoiseStreams(seed, case_id), slice_ids=prepared.slice_index,
@@ -111,8 +123,12 @@ class Segmenter:
         mask = cleaned.mask
         return Segmentation(case_id, mean, variance, mask, np.asarray(affine, np.float64),
                             lesion_summary(mask, variance, _zooms(affine)),
-                            {**self.plan.describe(), "n": n, "seed": seed, **self.engine.describe(),
-                             "min_component": self.min_component, "mask_cleanup": cleaned.describe()})
+                            {**self.plan.describe(), **ensemble_identity(n), "seed": seed,
+                             "members_total": int(stats.count.sum()), **self.engine.describe(),
+                             "min_component": self.min_component, "mask_cleanup": cleaned.describe()},
+                            members=members_map(prepared, stats.count) if is_auto(n) else None,
+                            members_per_slice=stats.count.copy(),
+                            slice_index=np.asarray(prepared.slice_index).copy())
 
     def _volumes(self, image: Any, affine: np.ndarray | None) -> tuple[list[np.ndarray], np.ndarray]:
         need = self.modalities
@@ -165,6 +181,7 @@ class Segmenter:
         """One case from files to files, as the ``segment`` command (lock, resume, atomic outputs, provenance):
         returns `segment.SegmentResult`."""
         from .segment import check_output, resolve_case, segment_case
+        check_sampling_options(n=self.n, save_samples=save_samples)
         inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
         case = resolve_case([Path(p) for p in inputs], list(modality), self.card, force=self.force)
         check_output(out_dir, case, overwrite=overwrite)
@@ -179,6 +196,7 @@ class Segmenter:
         """A folder of cases or a list file into `out_dir` with this loaded model, as ``segment INPUT_DIR``
         (skips finished cases, records failures, writes the summary): returns `cohort.CohortResult`."""
         from .cohort import RunSettings, check_cohort_output, list_cohort, run_cohort, select_part
+        check_sampling_options(n=self.n, save_samples=save_samples)
         cohort = list_cohort(source)
         check_cohort_output(out_dir, cohort)
         settings = RunSettings(n=self.n, plan=self.plan, seed=self.seed, batch_size=self.batch_size,
@@ -192,11 +210,12 @@ def segment_paths(inputs: str | Path | Sequence[str | Path], out_dir: str | Path
                   **options: Any):
     """Files in, files out, in one call: a cohort (a folder of cases or a list file) gives a
     `cohort.CohortResult`, one case (a case folder, a 3D or 4D file) a `segment.SegmentResult`. options:
-    those of `Segmenter` (n, sampler, steps, eta, seed, batch_size, backend, device, min_component, force)
-    and of its `segment_files` / `segment_cohort` (overwrite, save_samples, overview, ...)."""
+    those of `Segmenter` (n, n_max, n_min, n_step, n_tol, sampler, steps, eta, mirror, seed, batch_size,
+    backend, device, min_component, force) and of its `segment_files` / `segment_cohort` (overwrite,
+    save_samples, overview, ...)."""
     from .cohort import is_cohort_source
-    keys = ("n", "sampler", "steps", "eta", "seed", "batch_size", "backend", "device", "min_component", "force",
-            "mirror")
+    keys = ("n", "n_max", "n_min", "n_step", "n_tol", "sampler", "steps", "eta", "mirror", "seed", "batch_size",
+            "backend", "device", "min_component", "force")
     seg = Segmenter(model, **{k: options.pop(k) for k in keys if k in options})
     single = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if len(single) == 1 and not options.get("modality") and is_cohort_source(single[0]):

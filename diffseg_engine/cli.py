@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .lesions import DEFAULT_MIN_COMPONENT
+from .ensemble import AUTO_N_MAX, AUTO_N_MIN, AUTO_N_STEP, AUTO_N_TOL
 from .errors import DiffsegError, exit_code_help
 
 
@@ -422,7 +423,21 @@ def segment(
     out: Path = typer.Option(Path("diffseg-out"), "--out", "-o", help="Output folder (created if missing)."),
     model: Optional[Path] = typer.Option(None, "--model", show_default=False,
                                          help=".onnx or .safetensors model (default: the shipped FLAIR model)."),
-    n: int = typer.Option(5, "--n", help="Ensemble size: masks sampled per slice."),
+    n: str = typer.Option("5", "--n", metavar="N|auto",
+                          help="Ensemble size: masks sampled per slice; or auto: draw members in rounds and stop a "
+                               "slice once a round changes its mean and variance maps by less than --n-tol "
+                               "(slices without lesion stop early), at most --n-max."),
+    n_max: Optional[int] = typer.Option(None, "--n-max", show_default=False,
+                                        help=f"--n auto: most members per slice (default {AUTO_N_MAX})."),
+    n_min: Optional[int] = typer.Option(None, "--n-min", show_default=False,
+                                        help=f"--n auto: members of every slice's first round (default {AUTO_N_MIN})."),
+    n_step: Optional[int] = typer.Option(None, "--n-step", show_default=False,
+                                         help=f"--n auto: members added per later round (default {AUTO_N_STEP}); "
+                                              "no slice stops before --n-min + --n-step."),
+    n_tol: Optional[float] = typer.Option(None, "--n-tol", show_default=False,
+                                          help=f"--n auto: a slice stops after a round that changed its mean "
+                                               f"probability and its variance by less than this at every pixel "
+                                               f"(default {AUTO_N_TOL}; 0: never early, the maps of --n N-MAX)."),
     sampler: Optional[Sampler] = typer.Option(None, show_default=False,
                                               help="ddpm: the paper's ancestral sampler (learned variance); ddim: "
                                                    "DDIM. Default: the model card's."),
@@ -463,8 +478,9 @@ def segment(
                                            "cluster started here with `ray start`) or ray://HOST:10001."),
 ) -> None:
     from .backends.base import read_card
-    _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
-                            threads=threads, min_component=min_component)
+    size = _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
+                                   threads=threads, n_max=n_max, n_min=n_min, n_step=n_step, n_tol=n_tol,
+                                   save_samples=save_samples, min_component=min_component)
     from .sampler import chosen_plan
     from .segment import check_output, default_model, open_model, resolve_case, segment_case
     quiet = _quiet(quiet)
@@ -473,7 +489,7 @@ def segment(
     plan = chosen_plan(card, _value(sampler), steps, eta, mirror)
     from .cohort import is_cohort_source
     if len(inputs or []) == 1 and not modality and is_cohort_source(inputs[0]):
-        _segment_cohort(inputs[0], out, model_path, plan, n=n, seed=seed, batch_size=batch_size,
+        _segment_cohort(inputs[0], out, model_path, plan, n=size, seed=seed, batch_size=batch_size,
                         save_samples=save_samples, overwrite=overwrite, quiet=quiet, backend=backend.value,
                         device=device, num_parts=num_parts, part_id=part_id, ray=ray, threads=threads,
                         output_format=output_format.value, force=force, min_component=min_component)
@@ -486,7 +502,7 @@ def segment(
     check_output(out, case, overwrite=overwrite)
     eng = open_model(model_path, backend.value, device, threads=threads)
     try:
-        res = segment_case(case, eng, out, n=n, plan=plan, seed=seed, batch_size=batch_size, overwrite=overwrite,
+        res = segment_case(case, eng, out, n=size, plan=plan, seed=seed, batch_size=batch_size, overwrite=overwrite,
                            quiet=quiet, save_samples=save_samples, command=" ".join(sys.argv),
                            output_format=output_format.value, min_component=min_component)
     except KeyboardInterrupt:
@@ -494,11 +510,15 @@ def segment(
         raise typer.Exit(130)
     if not quiet:
         t = res.provenance["timings"]
-        typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels; sampling {t['sampling_s']:.1f} s; "
+        drawn = res.provenance["sampling"].get("members")
+        members = (f"; {drawn['total']} members ({drawn['min']}-{drawn['max']} per slice, "
+                   f"{drawn['slices_stopped_early']} of {len(drawn['per_slice'])} slices stopped early)"
+                   if drawn else "")
+        typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels; sampling {t['sampling_s']:.1f} s{members}; "
                    f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
 
 
-def _segment_cohort(source: Path, out: Path, model_path: Path, plan, *, n: int, seed: int, batch_size: int,
+def _segment_cohort(source: Path, out: Path, model_path: Path, plan, *, n, seed: int, batch_size: int,
                     save_samples: bool, overwrite: bool, quiet: bool, backend: str, device: str, num_parts: int,
                     part_id: int, ray: Optional[str], threads: int, output_format: str, force: bool,
                     min_component: float) -> None:
@@ -520,16 +540,16 @@ def _segment_cohort(source: Path, out: Path, model_path: Path, plan, *, n: int, 
                                                             "same command (finished cases are skipped)")
 
 
-def _check_sampling_options(*, n: int, steps: Optional[int], seed: int, batch_size: int, eta: Optional[float],
-                            device: str, threads: int = 0, min_component: float = 0.0) -> None:
+def _check_sampling_options(*, n, steps: Optional[int], seed: int, batch_size: int, eta: Optional[float],
+                            device: str, threads: int = 0, **auto):
     """`UsageError` for option values that cannot work, before any file is opened (the checks live in
-    `options`, shared with the Python API; choices are enums here)."""
+    `options`, shared with the Python API; choices are enums here); returns the ensemble size (N or
+    `ensemble.AutoN`; `auto`: --n-max, --n-min, --n-step, --n-tol, save_samples)."""
     from .errors import UsageError
     from .options import check_sampling_options
     if threads < 0:
         raise UsageError(f"--threads must be at least 1 (or 0 for automatic), got {threads}")
-    check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
-                           min_component=min_component)
+    return check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device, **auto)
 
 
 @app.command()

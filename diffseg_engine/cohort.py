@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from .atomic import atomic_write
 from .backends.base import StepBackend
 from .cases import classify_file, find_case
+from .ensemble import EnsembleSize, describe_size, ensemble_identity
 from .errors import (DatasetError, DiffsegError, MissingModalityError, OutputBusyError, OutputError,
                      UsageError)
 from .lesions import DEFAULT_MIN_COMPONENT
@@ -62,7 +63,7 @@ class RunSettings:
     """The parameters of a cohort run, identical for every case (with the model and each case's inputs they
     decide `segment.run_identity`, "the same run"). force: segment inputs that fail the input checks (`sanity`)."""
 
-    n: int
+    n: EnsembleSize  # N, or `ensemble.AutoN` for --n auto
     plan: SamplingPlan
     seed: int = 0
     batch_size: int = 0
@@ -74,8 +75,9 @@ class RunSettings:
     min_component: float = DEFAULT_MIN_COMPONENT  # mask clean-up (`lesions.lesion_mask`)
 
     def describe(self) -> dict:
-        return {**self.plan.describe(), "n": self.n, "seed": self.seed, "batch_size": self.batch_size,
-                "save_samples": self.save_samples, "min_component": self.min_component}
+        return {**self.plan.describe(), **ensemble_identity(self.n), "seed": self.seed,
+                "batch_size": self.batch_size, "save_samples": self.save_samples,
+                "min_component": self.min_component}
 
 
 @dataclass
@@ -341,7 +343,7 @@ def run_cohort(entries: Sequence[CohortEntry], backend: StepBackend, out_dir: st
 # ------------------------------------------------------------------------------------------ the summary
 SUMMARY_COLUMNS = ("uncertainty_rank", "case_id", "status", "lesion_ml", "lesion_voxels", "mean_variance_in_lesion",
                    "uncertain_ml", "max_variance", "preprocess_s", "sampling_s", "write_s", "seconds_this_run",
-                   "n", "sampler", "steps", "seed", "source", "message")
+                   "n", "members", "sampler", "steps", "seed", "source", "message")
 
 
 def _prov_from_disk(out_dir: Path, case_id: str) -> dict | None:
@@ -400,6 +402,7 @@ def summary_rows(cohort: Sequence[CohortEntry], out_dir: str | Path,
                                                    "uncertain_ml", "max_variance")})
             row.update({k: t.get(k) for k in ("preprocess_s", "sampling_s", "write_s")})
             row.update({k: s.get(k) for k in ("n", "sampler", "steps", "seed")})
+            row["members"] = s.get("work_items")  # members drawn in all (--n auto: fewer than slices x n_max)
         rows.append(row)
 
     def key(r: dict) -> tuple:
@@ -425,7 +428,8 @@ def _markdown(rows: Sequence[dict], settings: RunSettings | None, counts: dict[s
     lines = ["# Cohort summary", ""]
     if settings is not None:
         d = settings.describe()
-        lines.append(f"Sampling: {d['sampler']} {d['steps']} steps, eta {d['eta']}, N = {d['n']}, seed {d['seed']}.")
+        lines.append(f"Sampling: {d['sampler']} {d['steps']} steps, eta {d['eta']}, {describe_size(settings.n)}, "
+                     f"seed {d['seed']}.")
     lines.append("Cases: " + ", ".join(f"{counts[k]} {k}" for k in STATUSES if counts.get(k)) + ".")
     lines += ["", "## Review first", "",
               "Ranked by the mean ensemble variance inside the predicted lesion (mask = mean > 0.5), then by the "

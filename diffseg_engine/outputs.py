@@ -16,6 +16,7 @@ SUFFIXES = {
     "mean": "_mean.nii.gz", "variance": "_variance.nii.gz", "entropy": "_entropy.nii.gz", "mask": "_mask.nii.gz",
     "provenance": "_provenance.json", "overview": "_overview.png",
     "samples": "_samples.nii.gz",  # --save-samples: every member's mask
+    "members": "_members.nii.gz",  # --n auto: the members each slice got
     "label": ".nii.gz", "unc_whole": "_unc_whole.nii.gz",  # --format qubrats
 }
 #: What every run writes (the overview where it can be drawn); the provenance JSON, written last, marks it finished.

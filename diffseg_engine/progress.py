@@ -77,6 +77,12 @@ class ProgressBar:
         r = self.rate
         return (self.total - self.done) / r if r > 0 else float("inf")
 
+    def set_total(self, total: int) -> None:
+        """A new total (work that turned out shorter or longer than planned)."""
+        self.total = int(total)
+        if self._rich is not None:
+            self._rich.update(self._task, total=self.total)
+
     def advance(self, n: int = 1, **fields: Any) -> None:
         self.done += n
         self.fields.update(fields)

@@ -2,10 +2,11 @@
 
 Owns: `SamplingPlan` (which steps, their coefficient rows and network timesteps, mirrored members),
 `plan_sampling`, and
-`sample_ensemble` — a short loop over chunks of (slice, member) work items and, inside, over timesteps; one
-backend call per timestep per chunk does the network AND the update (compiled in the step graph). A chunk
-that does not fit in memory is halved and retried (`BatchMemoryError` from the backend).
-Imports: numpy, `schedule`, `noise`, `ensemble`, `card`, `errors`, `geometry` (which network axis is
+`sample_ensemble` — a short loop over rounds (`rounds.Rounds`: one for a fixed N; ``--n auto`` adds rounds
+for the slices whose maps still change), over chunks of each round's (slice, member) work items and, inside,
+over timesteps; one backend call per timestep per chunk does the network AND the update (compiled in the
+step graph). A chunk that does not fit in memory is halved and retried (`BatchMemoryError` from the backend).
+Imports: numpy, `schedule`, `noise`, `ensemble`, `rounds`, `card`, `errors`, `geometry` (which network axis is
 left-right). Never a concrete backend, never torch.
 """
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Callable, Protocol
 import numpy as np
 
 from .card import ModelCard
-from .ensemble import EnsembleStats, member_probability
+from .ensemble import AutoN, EnsembleSize, EnsembleStats, member_probability
 from .errors import BatchMemoryError, ResourceError, UsageError
 from .geometry import lr_network_axis
 from .noise import BatchNoise, NoiseStreams
+from .rounds import Rounds
 from .schedule import (ddim_coefficients, ddpm_coefficients, model_timesteps, respace, space_timesteps,
                        tables_for)
 
@@ -125,9 +127,9 @@ def work_items(num_slices: int, members: int) -> list[tuple[int, int]]:
     return [(s, m) for s in range(num_slices) for m in range(members)]
 
 
-def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: SamplingPlan, streams: NoiseStreams,
-                    slice_ids: np.ndarray, card: ModelCard, batch_size: int,
-                    stats: EnsembleStats | None = None, start_item: int = 0,
+def sample_ensemble(step: StepFn, images: np.ndarray, *, members: EnsembleSize, plan: SamplingPlan,
+                    streams: NoiseStreams, slice_ids: np.ndarray, card: ModelCard, batch_size: int,
+                    stats: EnsembleStats | None = None, start_item: int = 0, rounds: Rounds | None = None,
                     on_progress: Callable[[int], None] | None = None,
                     on_member: Callable[[int, int, np.ndarray], None] | None = None,
                     on_chunk: Callable[[int, EnsembleStats], None] | None = None,
@@ -135,11 +137,14 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
                     noise_factory: NoiseFactory | None = None, device_loop: Callable | None = None) -> EnsembleStats:
     """Sample `members` masks for each slice of `images` [S, C, h, w]; returns their streamed statistics.
 
-    Work items (slice, member) are processed in chunks of `batch_size`; every chunk runs all K steps, one
-    `step` call per timestep. Member (s, m) draws x_T and every z from stream (slice_ids[s], m), so the
-    result does not depend on `batch_size`. `start_item` and `stats` resume after finished chunks;
-    `on_chunk(next_item, stats)` is called after each chunk, `on_progress(n)` after each step call (negative
-    when a failed chunk's steps are taken back).
+    members: N (every slice gets N) or `ensemble.AutoN` (rounds; a slice stops when a round no longer changes
+    its maps, `rounds.Rounds`); `stats.count` then says how many members each slice got.
+    Work items (slice, member) are processed in chunks of at most `batch_size` (a chunk never spans two
+    rounds); every chunk runs all K steps, one `step` call per timestep. Member (s, m) draws x_T and every z
+    from stream (slice_ids[s], m), so the result does not depend on `batch_size`. `start_item`, `stats` and
+    (auto) `rounds` resume after finished chunks; pass a fresh `Rounds` to read the schedule as it goes (what
+    the chunk touched, `Rounds.state`). `on_chunk(next_item, stats)` is called after each chunk,
+    `on_progress(n)` after each step call (negative when a failed chunk's steps are taken back).
     If `step` raises `BatchMemoryError`, that chunk is halved and retried from its start, and the rest of the
     run keeps the smaller size (`on_batch_size(new_size, error)` is told); finished chunks are never redone.
     At batch size 1 the error becomes a `ResourceError` for the user.
@@ -149,38 +154,45 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: int, plan: Sam
     device instead, with the noise drawn there from the same streams (`noise_device`).
     """
     S, _, h, w = images.shape
-    if members < 1:
+    if not isinstance(members, AutoN) and members < 1:
         raise UsageError(f"--n must be at least 1, got {members}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     stats = stats if stats is not None else EnsembleStats(S, (h, w))
-    items = work_items(S, members)
+    rounds = rounds if rounds is not None else Rounds(S, members)
     lo = start_item
-    while lo < len(items):
-        chunk = items[lo:lo + batch_size]
-        try:
-            if device_loop is not None:
-                prob = _device_chunk(device_loop, images, chunk, plan, streams, slice_ids, card, on_progress)
-            else:
-                prob = _sample_chunk(step, images, chunk, plan, streams, slice_ids, card, (h, w), on_progress,
-                                     noise_factory)
-        except BatchMemoryError as exc:
-            if len(chunk) == 1:
-                raise ResourceError(f"out of memory even at batch size 1 ({exc})",
-                                    fix="free memory (other processes on this GPU or machine), use --device cpu, "
-                                        "or a smaller model; finished chunks are kept, so rerunning the same "
-                                        "command resumes") from None
-            batch_size = len(chunk) // 2
-            if on_batch_size:
-                on_batch_size(batch_size, exc)
-            continue
-        for j, (s, m) in enumerate(chunk):
-            stats.add(s, prob[j])
-            if on_member:
-                on_member(s, m, prob[j])
-        lo += len(chunk)
-        if on_chunk:
-            on_chunk(lo, stats)
+    while not rounds.finished:
+        items = rounds.items()
+        while lo - rounds.round_lo < len(items):
+            pos = lo - rounds.round_lo
+            chunk = items[pos:pos + batch_size]
+            try:
+                if device_loop is not None:
+                    prob = _device_chunk(device_loop, images, chunk, plan, streams, slice_ids, card, on_progress)
+                else:
+                    prob = _sample_chunk(step, images, chunk, plan, streams, slice_ids, card, (h, w), on_progress,
+                                         noise_factory)
+            except BatchMemoryError as exc:
+                if len(chunk) == 1:
+                    raise ResourceError(f"out of memory even at batch size 1 ({exc})",
+                                        fix="free memory (other processes on this GPU or machine), use --device cpu, "
+                                            "or a smaller model; finished chunks are kept, so rerunning the same "
+                                            "command resumes") from None
+                batch_size = len(chunk) // 2
+                if on_batch_size:
+                    on_batch_size(batch_size, exc)
+                continue
+            for j, (s, m) in enumerate(chunk):
+                rounds.before_add(s, m, stats)
+                stats.add(s, prob[j])
+                rounds.after_add(s, m, stats)
+                if on_member:
+                    on_member(s, m, prob[j])
+            lo += len(chunk)
+            rounds.last_rows = (chunk[0][0], chunk[-1][0])
+            if on_chunk:
+                on_chunk(lo, stats)
+        rounds.next_round(lo)
     return stats
 
 

@@ -2,7 +2,8 @@
 
 Owns: resolving and validating the user's inputs for the model's modalities (`resolve_case`, which also
 preprocesses, so every input error surfaces before a model is loaded), the checks on `--out`
-(`check_output`), the default batch size, the provenance record, and `segment_case`,
+(`check_output`), the default batch size, the output names, the provenance record and, for ``--n auto``, the
+members each slice got (`members_map`, `members_summary`), and `segment_case`,
 which ties preprocessing, the sampler, a backend and the inverse preprocessing together: under a per-case
 lock (`lock`), saving each finished chunk (`partial`) so that an interrupted run resumes, writing all maps
 together (`atomic.AtomicFiles`) and the provenance JSON last, as the mark of a finished case. The files'
@@ -30,6 +31,7 @@ from .atomic import AtomicFiles, atomic_write
 from .backends.base import StepBackend, open_backend
 from .card import ModelCard
 from .cases import canonical_modality, classify_file, find_case
+from .ensemble import EnsembleSize, describe_size, ensemble_identity, is_auto, max_members
 from .errors import BatchMemoryError, CropWindowError, InputImageError, MissingModalityError, OutputError, UsageError
 from .lesions import DEFAULT_MIN_COMPONENT, lesion_mask
 from .lock import OutputLock
@@ -42,6 +44,7 @@ from .preprocess import PreparedCase, prepare_case, restore
 from .progress import ProgressBar
 from .sanity import check_case
 from .qubrats import WHOLE_TUMOUR_LABEL, binary_entropy, label_map, uncertainty_map
+from .rounds import Rounds
 from .sampler import SamplingPlan, sample_ensemble
 from .weights import file_sha256 as _sha256
 
@@ -243,6 +246,11 @@ def _all_outputs(out_dir: Path, case_id: str) -> dict[str, Path]:
     return output_paths(out_dir, case_id, tuple(SUFFIXES))
 
 
+def members_path(out_dir: Path, case_id: str) -> Path:
+    """``--n auto`` only: the members each slice got, as a map on the input grid."""
+    return output_paths(out_dir, case_id, ("members",))["members"]
+
+
 def check_output(out_dir: str | Path, case: CaseInput, *, overwrite: bool = False) -> None:
     """Refuse an `--out` that cannot work, leaving nothing behind: an input file or an input's folder (a
     ``<case>_mask.nii.gz`` there would later be taken for the case's label), a path that is or lies under a
@@ -315,6 +323,7 @@ class SegmentResult:
     variance: np.ndarray
     mask: np.ndarray
     provenance: dict
+    members: np.ndarray | None = None  # --n auto: the members each voxel's slice got (`members_map`)
 
 
 def _make_folder(out_dir: Path) -> list[Path]:
@@ -343,22 +352,25 @@ def _remove_empty(folders: list[Path]) -> None:
             break
 
 
-def run_identity(case_id: str, card: ModelCard, backend_name: str, plan: SamplingPlan, n: int, seed: int,
-                 save_samples: bool, input_sha: dict[str, str], model_sha: str | None,
+def run_identity(case_id: str, card: ModelCard, backend_name: str, plan: SamplingPlan, n: EnsembleSize,
+                 seed: int, save_samples: bool, input_sha: dict[str, str], model_sha: str | None,
                  min_component: float = DEFAULT_MIN_COMPONENT) -> dict:
     """What makes two runs of a case "the same run" (the one definition): engine version, case, the inputs'
-    and the model's sha256, the model card, the backend, sampler/steps/eta, n, seed, whether member masks
-    are kept and the mask's component clean-up (`lesions.lesion_mask`). A resumed run must match it (with the slices, `_fingerprint`); a finished one that matches it
-    is skipped by a cohort run (`finished_run`). Recorded in the provenance JSON as ``run``."""
+    and the model's sha256, the model card, the backend, sampler/steps/eta/mirror, the ensemble size (n; for
+    ``--n auto`` n = "auto" with n_min, n_step, n_max and n_tol: `ensemble.ensemble_identity`, so an auto run
+    and a fixed one are never the same run), seed, whether member masks are kept and the mask's component
+    clean-up (`lesions.lesion_mask`). A resumed run must match it (with the slices, `_fingerprint`); a
+    finished one that matches it is skipped by a cohort run (`finished_run`). Recorded in the provenance JSON
+    as ``run``."""
     return {
         "format": 1, "engine": __version__, "case_id": case_id, "inputs_sha256": dict(input_sha),
         "model_sha256": model_sha, "card_sha256": hashlib.sha256(card.to_json().encode()).hexdigest(),
-        "backend": backend_name, **plan.describe(), "n": int(n), "seed": int(seed),
+        "backend": backend_name, **plan.describe(), **ensemble_identity(n), "seed": int(seed),
         "save_samples": bool(save_samples), "min_component": float(min_component),
     }
 
 
-def _fingerprint(case: CaseInput, backend: StepBackend, plan: SamplingPlan, n: int, seed: int,
+def _fingerprint(case: CaseInput, backend: StepBackend, plan: SamplingPlan, n: EnsembleSize, seed: int,
                  save_samples: bool, input_sha: dict[str, str], model_sha: str | None) -> dict:
     """Everything that decides the sampled chunks: a resumed run must match it exactly. The mask clean-up
     (`min_component`) comes after sampling, so a resume may change it (it keeps its default here)."""
@@ -376,8 +388,8 @@ def model_sha256(backend: StepBackend) -> str | None:
     return _sha256(model_path) if model_path is not None and Path(model_path).is_file() else None
 
 
-def finished_run(out_dir: str | Path, case_id: str, card: ModelCard, backend_name: str, plan: SamplingPlan, n: int,
-                 seed: int, save_samples: bool, model_sha: str | None, output_format: str = "nifti",
+def finished_run(out_dir: str | Path, case_id: str, card: ModelCard, backend_name: str, plan: SamplingPlan,
+                 n: EnsembleSize, seed: int, save_samples: bool, model_sha: str | None, output_format: str = "nifti",
                  min_component: float = DEFAULT_MIN_COMPONENT) -> dict | None:
     """The provenance of a finished run of `case_id` in `out_dir` that is the same run (`run_identity`) as the
     one these parameters would start, its inputs (the files it recorded) unchanged, and every file of
@@ -421,13 +433,16 @@ def lesion_summary(mask: np.ndarray, variance: np.ndarray, zooms: Sequence[float
             "uncertain_threshold": uncertain_threshold}
 
 
-def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int = 5, plan: SamplingPlan,
+def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: EnsembleSize = 5, plan: SamplingPlan,
                  seed: int = 0, batch_size: int = 0, overwrite: bool = False, quiet: bool = False,
                  save_samples: bool = False, overview: bool = True, command: str = "",
                  progress_factory: Callable[..., ProgressBar] = ProgressBar,
                  output_format: str = "nifti", min_component: float = DEFAULT_MIN_COMPONENT) -> SegmentResult:
     """Sample an ensemble of `n` masks for every brain slice of `case` and write the maps to `out_dir`; the
     mask drops components under `min_component` of the largest (`lesions.lesion_mask`; 0 keeps all).
+
+    n: N members per slice, or `ensemble.AutoN` (``--n auto``: rounds until each slice's maps settle; the
+    members each slice got are recorded in the provenance and written as ``<case>_members.nii.gz``).
 
     Runs under an exclusive lock on this case's outputs (`OutputBusyError` if another run holds it). Each
     finished chunk is saved in ``out_dir/.<case>.partial/``; a later call with the same parameters resumes
@@ -439,8 +454,11 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
     card = backend.card
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown --format {output_format!r}", fix=f"choose one of {', '.join(OUTPUT_FORMATS)}")
-    if n < 1:
+    if not is_auto(n) and n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
+    if is_auto(n) and save_samples:
+        raise UsageError("--save-samples needs a fixed --n (with --n auto slices get different numbers of members)",
+                         fix="give --n N, or drop --save-samples")
     if not 0 <= seed < 2**63:
         raise UsageError(f"--seed must lie in [0, 2**63), got {seed}")
     if batch_size < 0:
@@ -466,7 +484,7 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: int
         _remove_empty(created)  # only where nothing (no finished result, no unfinished work) was left
 
 
-def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partial: PartialRun, *, n: int,
+def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partial: PartialRun, *, n: EnsembleSize,
                     plan: SamplingPlan, seed: int, batch_size: int, overwrite: bool, quiet: bool,
                     save_samples: bool, overview: bool, command: str,
                     progress_factory: Callable[..., ProgressBar], output_format: str = "nifti",
@@ -482,15 +500,21 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     model_sha = model_sha256(backend)
     fingerprint = _fingerprint(case, backend, plan, n, seed, save_samples, input_sha, model_sha)
     S = len(prepared.inputs)
-    items = S * n
+    auto = is_auto(n)
+    items = S * max_members(n)  # for --n auto the most there can be
     h = w = card.image_size
     samples = np.zeros((S, n, h, w), np.float32) if save_samples else None
 
-    start, stats = 0, None
+    start, stats, rounds = 0, None, Rounds(S, n)
     try:
         old = partial.params() if partial.exists() else None
         if old is not None and old.get("fingerprint") == fingerprint:
-            start, stats = partial.load(S, n, (h, w), samples)
+            start, stats = partial.load(S, None if auto else n, (h, w), samples)
+            if auto:
+                try:
+                    rounds = Rounds.restore(S, n, partial.schedule or {}, stats, start)
+                except ValueError as exc:
+                    raise partial._broken(str(exc)) from None
             batch_size = batch_size or int(old.get("batch_size") or 0)  # auto: the size the run started with
         elif partial.exists():
             if old is None:
@@ -501,21 +525,26 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     except OutputError:
         if not overwrite:
             raise
-        start, stats = 0, None  # --overwrite: unfinished work that cannot be resumed is discarded
+        start, stats, rounds = 0, None, Rounds(S, n)  # --overwrite: unfinished work that cannot be resumed is discarded
         if samples is not None:
             samples[:] = 0
     bs = batch_size or default_batch_size(card, items, backend.device)
     if start == 0:
         partial.start({"fingerprint": fingerprint, "batch_size": bs})
     else:
-        log.info("%s: resuming after %d of %d finished work items", case.case_id, start, items)
+        log.info("%s: resuming after %d of %s%d work items", case.case_id, start, "at most " if auto else "",
+                 rounds.planned_items(start))
     backend.allocate(bs)
     streams = NoiseStreams(seed, case.case_id)
     K = len(plan.coefs)
     saved = {"next": start, "bs": bs}
 
     def on_chunk(next_item: int, st) -> None:
-        partial.save_chunk(saved["next"], next_item, st, n, samples)
+        if auto:
+            partial.save_chunk(saved["next"], next_item, st, None, rows=rounds.last_rows, schedule=rounds.state(st))
+            bar.set_total(rounds.planned_items(next_item) * K)  # slices that stopped shorten the run
+        else:
+            partial.save_chunk(saved["next"], next_item, st, n, samples)
         saved["next"] = next_item
 
     def on_batch_size(new: int, err: BatchMemoryError) -> None:
@@ -524,11 +553,12 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
 
     t1 = time.perf_counter()
     try:
-        with progress_factory(items * K, f"segment {case.case_id}", unit="step·member", quiet=quiet,
-                              initial=start * K) as bar:
+        with progress_factory(rounds.planned_items(start) * K, f"segment {case.case_id}", unit="step·member",
+                              quiet=quiet, initial=start * K) as bar:
             stats = sample_ensemble(
                 backend.infer, prepared.inputs, members=n, plan=plan, streams=streams,
                 slice_ids=prepared.slice_index, card=card, batch_size=bs, stats=stats, start_item=start,
+                rounds=rounds,
                 on_progress=bar.advance, on_chunk=on_chunk, on_batch_size=on_batch_size,
                 on_member=(lambda s, m, p: samples.__setitem__((s, m), p)) if samples is not None else None,
                 device_loop=backend.device_loop if getattr(backend, "has_device_loop", False) else None)
@@ -543,6 +573,9 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     cleaned = lesion_mask(mean, case.reference.image.header.get_zooms()[:3], min_component=min_component)
     mask = cleaned.mask
     entropy = binary_entropy(mean).astype(np.float32)
+    members = members_map(prepared, stats.count) if auto else None
+    if auto:
+        paths["members"] = members_path(out_dir, case.case_id)
     if output_format == "qubrats":
         paths.update(output_paths(out_dir, case.case_id, SUBMISSION_KEYS))
     if save_samples:
@@ -561,6 +594,8 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
                                                               paths["unc_whole"], np.uint8))
         if samples is not None:
             files.write_bytes(paths["samples"], _samples_blob(case.reference, prepared, samples, paths["samples"]))
+        if members is not None:
+            files.write_bytes(paths["members"], encode_like(case.reference, members, paths["members"], np.uint16))
         if picture is not None:
             files.write_bytes(paths["overview"], picture)
         # the provenance file marks a complete set: an old one must not vouch for maps half replaced
@@ -569,12 +604,16 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     if output_format != "qubrats":  # --overwrite of a qubrats run: no stale submission beside the new maps
         for stale in output_paths(out_dir, case.case_id, SUBMISSION_KEYS).values():
             stale.unlink(missing_ok=True)
+    if not auto:  # --overwrite of an auto run: no stale member-count map beside the new maps
+        members_path(out_dir, case.case_id).unlink(missing_ok=True)
     timings["write_s"] = time.perf_counter() - t2
     prov = {
         "case_id": case.case_id, "complete": True, "inputs": case.sources, "input_sha256": input_sha,
         "model_sha256": model_sha, "model_card": card.to_dict(),
-        "sampling": {**plan.describe(), "n": n, "seed": seed, "batch_size": bs, "batch_size_final": saved["bs"],
-                     "resumed_from_item": start, "slices": S, "work_items": items},
+        "sampling": {**plan.describe(), **ensemble_identity(n), "seed": seed, "batch_size": bs,
+                     "batch_size_final": saved["bs"], "resumed_from_item": start, "slices": S,
+                     "work_items": int(stats.count.sum()),
+                     **({"members": members_summary(stats.count, prepared)} if auto else {})},
         "geometry": prepared.geometry.describe(),  # input orientation/spacing and what preprocessing did to them
         "backend": backend.describe(), "versions": _versions(), "timings": timings,
         "run": run_identity(case.case_id, card, backend.name, plan, n, seed, save_samples, input_sha, model_sha,
@@ -587,6 +626,8 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
                         "mask": "mean > 0.5, without 26-connected components smaller than min_component x the "
                                 "largest one's voxels (mask_cleanup; the mean map keeps them)",
                         "entropy": "binary entropy of the mean in bits, in [0, 1]: -m log2 m - (1-m) log2 (1-m)",
+                        **({"members": "--n auto: the members drawn for the voxel's slice (uint16; 0 outside the "
+                                       "brain and the processed slices)"} if auto else {}),
                         **({"label": f"QU-BraTS label map: {WHOLE_TUMOUR_LABEL} where mask (whole tumour only: "
                                      "tumour core and enhancing tumour are not modelled and stay empty)",
                             "unc_whole": "QU-BraTS whole-tumour uncertainty, uint8 0..100 = round(100 x entropy)"}
@@ -596,10 +637,30 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     }
     _write_json_atomic(paths["provenance"], prov)  # written last: marks completion
     partial.remove()
-    return SegmentResult(case.case_id, paths, mean, variance, mask, prov)
+    return SegmentResult(case.case_id, paths, mean, variance, mask, prov, members)
 
 
-def _overview_png(case: CaseInput, card: ModelCard, plan: SamplingPlan, n: int, seed: int, mean: np.ndarray,
+def members_map(prepared: PreparedCase, counts: np.ndarray) -> np.ndarray:
+    """The members each slice got [S] as a uint16 volume on the input grid (0 outside the brain and the
+    processed slices, as the other maps)."""
+    per_slice = np.broadcast_to(np.asarray(counts, np.float32)[:, None, None],
+                                (len(counts), prepared.geometry.image_size, prepared.geometry.image_size))
+    return np.rint(restore(prepared, per_slice)).astype(np.uint16)
+
+
+def members_summary(counts: np.ndarray, prepared: PreparedCase) -> dict:
+    """``--n auto`` in the provenance: members drawn in all, their spread, how many slices stopped before
+    n_max, and every slice's count with its voxel index along the input's slice axis."""
+    counts = np.asarray(counts, np.int64)
+    top = int(counts.max()) if counts.size else 0
+    return {"total": int(counts.sum()), "min": int(counts.min()) if counts.size else 0, "max": top,
+            "mean": round(float(counts.mean()), 3) if counts.size else 0.0,
+            "slices_stopped_early": int((counts < top).sum()),
+            "slice_axis": int(prepared.geometry.axis), "slice_index": [int(i) for i in prepared.slice_index],
+            "per_slice": [int(c) for c in counts]}
+
+
+def _overview_png(case: CaseInput, card: ModelCard, plan: SamplingPlan, n: EnsembleSize, seed: int, mean: np.ndarray,
                   variance: np.ndarray) -> bytes | None:
     """The overview picture as PNG bytes, or None where matplotlib is missing (the maps are written anyway)."""
     try:
@@ -610,7 +671,7 @@ def _overview_png(case: CaseInput, card: ModelCard, plan: SamplingPlan, n: int, 
     try:
         write_overview(f"{case.case_id}_overview.png", case.images[-1].data, mean, variance, case.reference.affine,
                        image_label=card.modalities[-1], file=buf,
-                       title=f"{case.case_id} — {card.name}, {plan.sampler} {plan.steps} steps, N={n}"
+                       title=f"{case.case_id} — {card.name}, {plan.sampler} {plan.steps} steps, {describe_size(n)}"
                              f"{' (odd members mirrored)' if plan.mirror else ''}, seed {seed}")
     except ImportError:
         return None
