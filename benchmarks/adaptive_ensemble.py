@@ -47,6 +47,17 @@ def run_case(case_dir: Path, backend, plan, size, batch_size: int, seed: int) ->
             "members": int(res.provenance["sampling"]["work_items"])}
 
 
+def warm_up(backend, plan) -> None:
+    """A few untimed engine calls at the CPU default batch size (32) before anything is measured."""
+    from diffseg_engine.noise import NoiseStreams
+    from diffseg_engine.sampler import sample_ensemble
+    card = backend.card
+    images = np.zeros((32, len(card.modalities), card.image_size, card.image_size), np.float32)
+    backend.allocate(32)
+    sample_ensemble(backend.infer, images, members=1, plan=plan, streams=NoiseStreams(0, "warm-up"),
+                    slice_ids=np.arange(32), card=card, batch_size=32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "train"))
@@ -76,6 +87,7 @@ def main() -> None:
     model = Path(args.model) if args.model else default_model()
     backend = open_model(model, "onnxruntime", "cpu", threads=args.threads)
     plan = chosen_plan(backend.card)
+    warm_up(backend, plan)  # the first engine calls of a session are slow: not in the first timed run
     command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
     rows, busy0, t_all = [], cpu_busy_s(), time.perf_counter()
     for i, cid in enumerate(c.strip() for c in args.cases.split(",") if c.strip()):

@@ -613,7 +613,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
         "sampling": {**plan.describe(), **ensemble_identity(n), "seed": seed, "batch_size": bs,
                      "batch_size_final": saved["bs"], "resumed_from_item": start, "slices": S,
                      "work_items": int(stats.count.sum()),
-                     **({"members": members_summary(stats.count, prepared)} if auto else {})},
+                     **({"members": members_summary(stats.count, prepared, n.n_max)} if auto else {})},
         "geometry": prepared.geometry.describe(),  # input orientation/spacing and what preprocessing did to them
         "backend": backend.describe(), "versions": _versions(), "timings": timings,
         "run": run_identity(case.case_id, card, backend.name, plan, n, seed, save_samples, input_sha, model_sha,
@@ -648,14 +648,14 @@ def members_map(prepared: PreparedCase, counts: np.ndarray) -> np.ndarray:
     return np.rint(restore(prepared, per_slice)).astype(np.uint16)
 
 
-def members_summary(counts: np.ndarray, prepared: PreparedCase) -> dict:
+def members_summary(counts: np.ndarray, prepared: PreparedCase, n_max: int) -> dict:
     """``--n auto`` in the provenance: members drawn in all, their spread, how many slices stopped before
-    n_max, and every slice's count with its voxel index along the input's slice axis."""
+    `n_max`, and every slice's count with its voxel index along the input's slice axis."""
     counts = np.asarray(counts, np.int64)
-    top = int(counts.max()) if counts.size else 0
-    return {"total": int(counts.sum()), "min": int(counts.min()) if counts.size else 0, "max": top,
+    return {"total": int(counts.sum()), "min": int(counts.min()) if counts.size else 0,
+            "max": int(counts.max()) if counts.size else 0,
             "mean": round(float(counts.mean()), 3) if counts.size else 0.0,
-            "slices_stopped_early": int((counts < top).sum()),
+            "slices_stopped_early": int((counts < n_max).sum()),
             "slice_axis": int(prepared.geometry.axis), "slice_index": [int(i) for i in prepared.slice_index],
             "per_slice": [int(c) for c in counts]}
 

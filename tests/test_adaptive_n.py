@@ -207,7 +207,7 @@ runner = CliRunner()
 def model(tmp_path_factory) -> Path:
     """A random tiny FLAIR model (every parameter perturbed) on a 16x16 grid, as ONNX."""
     pytest.importorskip("torch")
-    from _perturb import perturbed
+    from diffseg_engine.train.perturb import perturbed
 
     from diffseg_engine.export.onnx_export import export_onnx
     from diffseg_engine.train.unet import UNetModel
@@ -269,7 +269,7 @@ def test_segment_auto_records_the_members_and_matches_fixed_runs(auto_run, flair
     assert len(counts) == s["slices"] == len(m["slice_index"]) == 12 and m["slice_axis"] == 2
     assert m["total"] == int(counts.sum()) == s["work_items"] and m["max"] <= 8 and m["min"] >= 4
     assert len(set(counts.tolist())) >= 2, counts  # the tolerance made some slices stop before others
-    assert m["slices_stopped_early"] == int((counts < counts.max()).sum())
+    assert m["slices_stopped_early"] == int((counts < 8).sum()) > 0
     # the members map: every brain voxel of a slice holds that slice's count, 0 outside the brain
     members = _array(out, "members")
     assert members.dtype == np.uint16 and "members" in prov["outputs"]
@@ -293,11 +293,14 @@ def test_segment_auto_tolerance_zero_writes_the_bytes_of_fixed_n_max(flair, mode
     code, output = _segment(flair, "--model", model, "--out", tmp_path / "fixed", "--n", "6", "--batch-size", "4",
                             *COMMON)
     assert code == 0, output
-    for bs in ("4", "7"):
+    for bs, quiet in (("4", True), ("7", False)):
         out = tmp_path / f"auto{bs}"
         code, output = _segment(flair, "--model", model, "--out", out, "--n", "auto", "--n-max", "6", "--n-min",
-                                "2", "--n-step", "3", "--n-tol", "0", "--batch-size", bs, *COMMON)
+                                "2", "--n-step", "3", "--n-tol", "0", "--batch-size", bs,
+                                *(COMMON if quiet else COMMON[:-1]))
         assert code == 0, output
+        if not quiet:  # the summary line says what was drawn
+            assert "72 members (6-6 per slice, 0 of 12 slices stopped early)" in output, output
         assert _maps(out) == _maps(tmp_path / "fixed")
         assert _prov(out)["sampling"]["members"]["per_slice"] == [6] * 12
 
