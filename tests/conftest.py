@@ -45,3 +45,19 @@ def tiny_model(tmp_path_factory):
     weights = d / "tiny.safetensors"
     save_weights(weights, {k: v.numpy() for k, v in net.state_dict().items()}, card)
     return weights, export_onnx(weights, d / "tiny.onnx")
+
+
+#: The case whose FLAIR the resume and adaptive-ensemble tests cut twelve slices from.
+TWELVE_SLICES_CASE = "BraTS18_CBICA_ASK"
+
+
+@pytest.fixture(scope="session")
+def twelve_flair_slices(shared_data, tmp_path_factory) -> Path:
+    """Twelve axial slices (60-71) of a real FLAIR volume, real header and affine, as `<case>_flair.nii.gz`."""
+    import nibabel as nib
+    case = TWELVE_SLICES_CASE
+    img = nib.load(str(shared_data / "train" / case / f"{case}_flair.nii.gz")).slicer[:, :, 60:72]
+    path = tmp_path_factory.mktemp("input") / f"{case}_flair.nii.gz"
+    nib.save(img, str(path))
+    return path
+

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from typer.testing import CliRunner
 
 from diffseg_engine.card import Preprocessing
@@ -220,12 +221,8 @@ def model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def flair(shared_data, tmp_path_factory) -> Path:
-    """Twelve axial slices of a real FLAIR volume (real header and affine)."""
-    img = nib.load(str(shared_data / "train" / CASE / f"{CASE}_flair.nii.gz")).slicer[:, :, 60:72]
-    path = tmp_path_factory.mktemp("input") / f"{CASE}_flair.nii.gz"
-    nib.save(img, str(path))
-    return path
+def flair(twelve_flair_slices) -> Path:
+    return twelve_flair_slices
 
 
 def _segment(*args) -> tuple[int, str]:
