@@ -339,7 +339,8 @@ def test_ray_run_gives_the_single_process_files_byte_for_byte(ray_cluster, refer
     src, ref = reference_run
     out = tmp_path / "ray"
     res = segment_cohort(src, out, model, _settings(model), use_ray=True, quiet=True)
-    assert [(s.case_id, s.status) for s in res.statuses] == [(c, "done") for c in sorted(GOOD)]
+    assert [(s.case_id, s.status) for s in res.statuses] == [(c, "done") for c in sorted(GOOD)], \
+        [(s.case_id, s.status, s.message) for s in res.statuses]
     assert _bytes(out, GOOD) == _bytes(ref, GOOD)
     prov = json.loads((out / f"{GOOD[0]}_provenance.json").read_text())
     assert prov["run"] == json.loads((ref / f"{GOOD[0]}_provenance.json").read_text())["run"]
