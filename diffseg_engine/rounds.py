@@ -2,8 +2,8 @@
 
 Owns: `Rounds`. A run draws its members in rounds: round r gives every slice still drawing the members
 bounds[r-1]..bounds[r]-1 (`ensemble.round_bounds`), slice-major and member-minor, so each slice's members are
-folded into the statistics in member order. A fixed N is one round of all slices: exactly the work items
-`sampler.work_items(S, N)` always had. With `AutoN`, after every round from the second on each slice of the
+folded into the statistics in member order. A fixed N is one round of all slices: (s, m) for every slice s
+and member m < N, slice-major, the order the sampler always had. With `AutoN`, after every round from the second on each slice of the
 round is checked (`EnsembleStats.change_since` its value at the round's start, < tol: it stops); the next
 round holds the slices that did not stop. Work items are numbered globally in the order they run, so a
 resumed run continues at the same item. Since member m of slice s draws its noise from stream (s, m) and a

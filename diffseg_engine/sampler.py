@@ -122,11 +122,6 @@ def kept_timesteps(T: int, sampler: str, steps: int) -> set[int]:
     return space_timesteps(T, [steps])
 
 
-def work_items(num_slices: int, members: int) -> list[tuple[int, int]]:
-    """(slice position, member) pairs, slice-major: members of a slice are folded into the stats in order."""
-    return [(s, m) for s in range(num_slices) for m in range(members)]
-
-
 def sample_ensemble(step: StepFn, images: np.ndarray, *, members: EnsembleSize, plan: SamplingPlan,
                     streams: NoiseStreams, slice_ids: np.ndarray, card: ModelCard, batch_size: int,
                     stats: EnsembleStats | None = None, start_item: int = 0, rounds: Rounds | None = None,
@@ -220,8 +215,7 @@ def _sample_chunk(step: StepFn, images: np.ndarray, chunk: list[tuple[int, int]]
         if on_progress and done:
             on_progress(-done)
         raise
-    return _unmirror(member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low,
-                                        card.diffusion.mask_high), chunk, plan, card)
+    return _member_maps(x, chunk, plan, card)
 
 
 def _device_chunk(device_loop: Callable, images: np.ndarray, chunk: list[tuple[int, int]], plan: SamplingPlan,
@@ -243,8 +237,7 @@ def _device_chunk(device_loop: Callable, images: np.ndarray, chunk: list[tuple[i
         if on_progress and done[0]:
             on_progress(-done[0])
         raise
-    return _unmirror(member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low,
-                                        card.diffusion.mask_high), chunk, plan, card)
+    return _member_maps(x, chunk, plan, card)
 
 
 def _mirrored(chunk: list[tuple[int, int]], plan: SamplingPlan) -> np.ndarray:
@@ -264,10 +257,11 @@ def _member_images(images: np.ndarray, chunk: list[tuple[int, int]], plan: Sampl
     return img
 
 
-def _unmirror(prob: np.ndarray, chunk: list[tuple[int, int]], plan: SamplingPlan, card: ModelCard) -> np.ndarray:
-    """Member maps [B, h, w] back in the slice's own frame (mirrored members mirrored back)."""
+def _member_maps(x: np.ndarray, chunk: list[tuple[int, int]], plan: SamplingPlan, card: ModelCard) -> np.ndarray:
+    """Each member's probability map [B, h, w] float64 from the final x [B, 1, h, w], in the slice's own frame
+    (mirrored members mirrored back)."""
+    prob = member_probability(x[:, 0].astype(np.float64), card.diffusion.mask_low, card.diffusion.mask_high)
     flip = _mirrored(chunk, plan)
-    if flip.any():
-        prob = prob.copy()
+    if flip.any():  # prob is this chunk's own array
         prob[flip] = np.flip(prob[flip], axis=lr_network_axis(card.preprocessing.orientation))
     return prob
