@@ -395,15 +395,14 @@ def finished_run(out_dir: str | Path, case_id: str, card: ModelCard, backend_nam
     one these parameters would start, its inputs (the files it recorded) unchanged, and every file of
     `output_format` there; else None. Reads no image: only the provenance JSON and the sha256 of the recorded
     input files."""
-    path = output_paths(Path(out_dir), case_id)["provenance"]
+    maps = output_paths(Path(out_dir), case_id)
     try:
-        prov = json.loads(path.read_text())
+        prov = json.loads(maps["provenance"].read_text())
         inputs = {m: Path(p) for m, p in prov["inputs"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if prov.get("complete") is not True or not all(p.is_file() for p in inputs.values()):
         return None
-    maps = output_paths(Path(out_dir), case_id)
     if not all(maps[k].is_file() for k in ("mean", "variance", "mask")):
         return None
     if output_format == "qubrats" and not all(
@@ -454,16 +453,8 @@ def segment_case(case: CaseInput, backend: StepBackend, out_dir: Path, *, n: Ens
     card = backend.card
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown --format {output_format!r}", fix=f"choose one of {', '.join(OUTPUT_FORMATS)}")
-    if not is_auto(n) and n < 1:
-        raise UsageError(f"--n must be at least 1, got {n}")
-    if is_auto(n) and save_samples:
-        raise UsageError("--save-samples needs a fixed --n (with --n auto slices get different numbers of members)",
-                         fix="give --n N, or drop --save-samples")
-    if not 0 <= seed < 2**63:
-        raise UsageError(f"--seed must lie in [0, 2**63), got {seed}")
-    if batch_size < 0:
-        raise UsageError(f"--batch-size must be positive (0: automatic), got {batch_size}")
-    check_sampling_options(min_component=min_component)
+    check_sampling_options(n=n, seed=seed, batch_size=batch_size, save_samples=save_samples,
+                           min_component=min_component)  # the one definition, shared with the CLI and API
     out_dir = Path(out_dir)
     check_output(out_dir, case, overwrite=overwrite)
     if case.prepared is None:
