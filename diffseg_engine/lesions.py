@@ -48,7 +48,7 @@ def lesion_mask(mean: np.ndarray, zooms: Sequence[float], *,
     if not 0.0 <= min_component < 1.0:
         raise ValueError(f"min_component must lie in [0, 1), got {min_component}")
     raw = np.asarray(mean) > 0.5
-    voxel_ml = float(np.prod(np.asarray(list(zooms)[:3] + [1.0] * (3 - len(list(zooms)[:3])), np.float64))) / 1000
+    voxel_ml = float(np.prod(np.asarray(zooms, np.float64)[:3])) / 1000  # a 2D slice: its area x 1 mm
     if not raw.any():
         return MaskResult(raw.astype(np.uint8))
     from scipy import ndimage

@@ -52,8 +52,9 @@ TWELVE_SLICES_CASE = "BraTS18_CBICA_ASK"
 
 
 @pytest.fixture(scope="session")
-def twelve_flair_slices(shared_data, tmp_path_factory) -> Path:
-    """Twelve axial slices (60-71) of a real FLAIR volume, real header and affine, as `<case>_flair.nii.gz`."""
+def flair(shared_data, tmp_path_factory) -> Path:
+    """Twelve axial slices (60-71) of a real FLAIR volume (`TWELVE_SLICES_CASE`), real header and affine, as
+    `<case>_flair.nii.gz`: the input of the resume and adaptive-ensemble tests."""
     import nibabel as nib
     case = TWELVE_SLICES_CASE
     img = nib.load(str(shared_data / "train" / case / f"{case}_flair.nii.gz")).slicer[:, :, 60:72]

@@ -220,11 +220,6 @@ def model(tmp_path_factory) -> Path:
     return export_onnx(weights, tmp / "auto.onnx")
 
 
-@pytest.fixture(scope="module")
-def flair(twelve_flair_slices) -> Path:
-    return twelve_flair_slices
-
-
 def _segment(*args) -> tuple[int, str]:
     res = runner.invoke(app, ["segment", *[str(a) for a in args]])
     return res.exit_code, res.output

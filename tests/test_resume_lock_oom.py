@@ -47,11 +47,6 @@ SLOW_CLI = (
     "main(sys.argv[1:])\n")
 
 
-@pytest.fixture(scope="module")
-def flair(twelve_flair_slices) -> Path:
-    return twelve_flair_slices
-
-
 def _segment(*args) -> tuple[int, str]:
     res = runner.invoke(app, ["segment", *[str(a) for a in args]])
     return res.exit_code, res.output
