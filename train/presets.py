@@ -73,9 +73,10 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-# `cpu-fast` at half the width: a quarter of the parameters (0.79 M, 1.6 MB in fp16) and 2.9x the training
-# steps per second on one core (2.0 vs 0.70 steps/s, batch 16, x0 + recycling), so the shipped files stay
-# small and the 90-minute CPU budget buys about three times the steps. The default model's preset.
+# `cpu-fast` at half the width: a quarter of the parameters (0.79 M, 1.6 MB in fp16) and 3.1x the training
+# steps per second on one core (2.33 vs 0.76 steps/s, batch 16, x0 + recycling; benchmarks/train_speed.py),
+# so the shipped files stay small and the 90-minute CPU budget buys about three times the steps. The default
+# model's preset.
 PRESETS["cpu-small"] = dataclasses.replace(
     PRESETS["cpu-fast"], name="cpu-small", model_channels=16,
     description="The default model's: 16 ch, mult 1,2,2,4, 1 res block, attention at 8, 56² (224² /4); 0.79 M "
