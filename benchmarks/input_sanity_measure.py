@@ -15,8 +15,11 @@ from pathlib import Path
 
 
 from diffseg_engine.cases import classify_file
+from diffseg_engine.modality import CLASSES, ModalityGuess
 from diffseg_engine.nifti_io import load_image
-from diffseg_engine.sanity import Measurements, measure, verdict
+from diffseg_engine.sanity import Measurements, _skull_findings, guess_modality, measure, verdict
+
+PROBS = [f"p({c})" for c in CLASSES]
 
 
 def main(data: Path) -> None:
@@ -24,10 +27,11 @@ def main(data: Path) -> None:
     cols = list(Measurements.__dataclass_fields__)
     print(f"# Input sanity measurements\n\nEvery image under `{data}` (labels and algorithm outputs left out), "
           f"measured by `diffseg_engine.sanity.measure` (command: `python benchmarks/input_sanity_measure.py`). "
-          "`verdict`: what `sanity.check_volume` says when the volume is given as FLAIR (the default model's "
-          "modality) - `ok`, `warn: ...` or `refuse: ...`.\n")
-    print("| file | modality | shape | " + " | ".join(cols) + " | verdict as FLAIR |")
-    print("|" + "---|" * (len(cols) + 4))
+          "`p(...)`: the shipped modality classifier's probabilities (not computed for a volume the skull "
+          "check refuses). `verdict`: what `sanity.check_volume` says when the volume is given as FLAIR (the "
+          "default model's modality) - `ok`, `warn: ...` or `refuse: ...`.\n")
+    print("| file | modality | shape | " + " | ".join(cols + PROBS) + " | verdict as FLAIR |")
+    print("|" + "---|" * (len(cols) + len(PROBS) + 4))
     for p in files:
         role = classify_file(p)
         if role is None or role[0] != "modality":
@@ -35,8 +39,10 @@ def main(data: Path) -> None:
         im = load_image(p)
         zooms = im.image.header.get_zooms()[:3]
         m = measure(im.data, im.affine, zooms)
-        v = verdict(m, "flair")
-        vals = " | ".join(f"{getattr(m, c):.3f}" for c in cols)
+        g = None if _skull_findings(m)[0] else guess_modality(im.data, im.affine)
+        v = verdict(m, "flair", g)
+        probs = [g.probs[c] if g else float("nan") for c in CLASSES]
+        vals = " | ".join([f"{getattr(m, c):.3f}" for c in cols] + [f"{x:.3f}" for x in probs])
         print(f"| {p.relative_to(data)} | {role[1]} | {'x'.join(map(str, im.data.shape))} | {vals} | {v} |")
 
 
@@ -44,9 +50,11 @@ def rejudge(table: Path) -> None:
     cols = list(Measurements.__dataclass_fields__)
     for line in table.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == len(cols) + 4 and cells[0] != "file":
+        if line.startswith("| ") and len(cells) == len(cols) + len(PROBS) + 4 and cells[0] != "file":
             m = Measurements(**{c: float(v) for c, v in zip(cols, cells[3:3 + len(cols)])})
-            cells[-1] = verdict(m, "flair")
+            probs = [float(v) for v in cells[3 + len(cols):3 + len(cols) + len(PROBS)]]
+            g = None if probs[0] != probs[0] else ModalityGuess(dict(zip(CLASSES, probs)), 16)
+            cells[-1] = verdict(m, "flair", g)
             line = "| " + " | ".join(cells) + " |"
         print(line)
 

@@ -3,8 +3,9 @@
 Owns: the measurements of one input volume (`measure`), the thresholds below and the verdict (`check_volume`,
 `check_case`): refuse (`InputImageError`, exit 10) what is clearly not what the model was trained on, warn
 (one logging line) where the evidence is weaker. `--force` (``force=True``) turns refusals into warnings.
-Imports: numpy, `errors`, `preprocess` (the engine's own axial order and intensity normalisation). Must not
-import nibabel (arrays, affines and voxel sizes come in from `nifti_io` via `segment`), torch or the CLI.
+Imports: numpy, `errors`, `preprocess` (the engine's own axial order and intensity normalisation), `modality`
+(the classifier, numpy only). Must not import nibabel (arrays, affines and voxel sizes come in from `nifti_io`
+via `segment`), torch or the CLI.
 
 Thresholds, from every volume under ../shared/data (benchmarks/results/input_sanity-measurements.md,
 `benchmarks/input_sanity_measure.py`; the table there lists which volumes were measured):
@@ -14,13 +15,16 @@ Thresholds, from every volume under ../shared/data (benchmarks/results/input_san
   non-zero voxels. The native TCGA-FG-6692 scans (not skull-stripped): 90-97 % non-zero, 77-93 % of the frame
   non-zero, 5.9-6.4 L. Refused above 60 % non-zero, 50 % of the frame or 3000 mL; warned above 35 %, 2 % or
   2200 mL (a head with its background zeroed, a crop around the head).
-* FLAIR, after the engine's percentile normalisation: level = (q25 + q50) / 2 of the brain voxels. Real FLAIR
-  in 3D 0.29-0.62 (BraTS 2018 0.29-0.43, BRATS 2012/2013 0.41-0.51, AURORA 0.54, BraTS 2020 0.52-0.62), the 2D
-  reference slices 0.27-0.34; T1 in 3D 0.40-0.72 (BraTS 2020 TCGA-DU-7294 0.40, BraTS 2018 0.47-0.61, BraTS 2023
-  t1n 0.56, BRATS 2012 0.65-0.66, AURORA 0.72). The T1 lies above its own patient's FLAIR in 9 of 11 pairs, but
-  the ranges overlap across cohorts, so a T1 given as FLAIR is never refused; only a level above 0.70 (AURORA's
-  T1) is warned about. A spatial feature (cortex vs deep white matter) was measured too and overlaps as well
-  (benchmarks/t1_vs_flair_spatial.py; both in benchmarks/results/input_sanity-measurements.md).
+* modality: the learned classifier of `modality.py` (a small CNN on 16 axial slices of the brain, trained on
+  every BraTS-preprocessed volume under ../shared/data: 7 cohorts, 52 volumes). Its leave-one-cohort-out table
+  (benchmarks/results/modality_classifier-cpu.md, `benchmarks/modality_classifier.py`) sets `PAIR_LOGODDS`:
+  the log-odds log p(T1) - log p(FLAIR) of held-out real FLAIRs reach -0.84 at most and of held-out T1s +0.83
+  at least, so a volume given as FLAIR that the classifier finds more T1 than FLAIR (log-odds >= 0) is refused,
+  and so is a FLAIR given as T1; T1 against T2 and T1ce against T2 separate as well and are refused alike.
+  FLAIR against T2 overlaps (a held-out FLAIR at +1.81, a T2 at +0.28): warned about only, above every held-out
+  FLAIR. T1ce against FLAIR or T1 overlaps both ways: not judged. The hand-made features tried before (an
+  intensity level; a cortex/deep-white-matter ratio, benchmarks/t1_vs_flair_spatial.py) ordered each patient's
+  pair but overlapped across cohorts (benchmarks/results/input_sanity-measurements.md).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import numpy as np
 
 from .card import Preprocessing
 from .errors import InputImageError
+from .modality import CLASSES, ModalityGuess, default_classifier
 from .preprocess import normalise_intensity, slice_axis, to_axial
 
 log = logging.getLogger(__name__)
@@ -111,11 +116,23 @@ def measure(volume: np.ndarray, affine: np.ndarray, zooms: Sequence[float]) -> M
 FRAME_NONZERO = (0.5, 0.02)
 NONZERO_SHARE = (0.6, 0.35)
 NONZERO_ML = (3000.0, 2200.0)
-#: FLAIR after percentile normalisation: warn when the brain's level (q25 + q50) / 2 lies above this (never
-#: refused: the level does not separate FLAIR from T1 on every cohort, see the module docstring).
-FLAIR_LEVEL_WARN = 0.70
-#: Modalities with a rule (others are not checked).
-RULES = ("flair",)
+#: The modality classifier (`modality.py`). For a volume given as modality g, the log-odds of another class o,
+#: log p(o) - log p(g), of the classifier's volume probabilities: refused at the first value or more, warned
+#: about at the second (None: never). Pairs not listed say nothing (T1ce against FLAIR or T1: the held-out
+#: cohorts overlap both ways). Chosen from the leave-one-cohort-out table (module docstring).
+PAIR_LOGODDS: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("flair", "t1"): (0.0, -0.5), ("t1", "flair"): (0.0, -0.5),
+    ("flair", "t2"): (None, 2.0), ("t2", "flair"): (None, 0.5),
+    ("t1", "t2"): (0.0, -2.0), ("t2", "t1"): (0.0, -2.0),
+    ("t1ce", "t2"): (0.0, -1.5), ("t2", "t1ce"): (1.5, 0.5),
+}
+NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce (contrast-enhanced T1)", "t2": "T2"}
+
+
+def guess_modality(volume: np.ndarray, affine: np.ndarray) -> ModalityGuess | None:
+    """The shipped classifier's guess for one volume (None when the volume has no brain voxels)."""
+    guess = default_classifier().predict(volume, affine)
+    return guess if guess.probs else None
 
 
 def _skull_findings(m: Measurements) -> tuple[list[str], list[str]]:
@@ -133,32 +150,50 @@ def _skull_findings(m: Measurements) -> tuple[list[str], list[str]]:
     return refuse, warn
 
 
-def _modality_findings(m: Measurements, modality: str) -> tuple[list[str], list[str]]:
-    level = (m.q25 + m.q50) / 2
-    if modality != "flair" or level != level:
+def _modality_findings(guess: ModalityGuess | None, modality: str) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) from `PAIR_LOGODDS`: at most one finding, the other class with the largest log-odds
+    among those that reach a threshold."""
+    if guess is None or modality not in guess.probs:
         return [], []
-    what = (f"its brain intensities may be T1 rather than FLAIR (level {level:.2f} of the 1st-99th percentile "
-            f"range, above {FLAIR_LEVEL_WARN:.2f}); check the file")
-    return ([], [what]) if level > FLAIR_LEVEL_WARN else ([], [])
+    p = guess.probs
+    hits = []
+    for (given, other), (refuse_at, warn_at) in PAIR_LOGODDS.items():
+        if given != modality:
+            continue
+        lo = float(np.log(max(p[other], 1e-12)) - np.log(max(p[modality], 1e-12)))
+        if refuse_at is not None and lo >= refuse_at:
+            hits.append((1, lo, other))
+        elif warn_at is not None and lo >= warn_at:
+            hits.append((0, lo, other))
+    if not hits:
+        return [], []
+    refuse, lo, other = max(hits)
+    seen = f"(modality classifier on {guess.n_slices} slice{'s' if guess.n_slices != 1 else ''}: {guess.describe()})"
+    if refuse:  # log p(other) >= log p(given): another class is the likeliest; name that one
+        return [f"it looks like {NAMES[guess.best]} rather than {NAMES[modality]} {seen}"], []
+    return [], [f"it may be {NAMES[other]} rather than {NAMES[modality]} {seen}"]
 
 
-def judge(m: Measurements, modality: str) -> tuple[list[str], list[str], str]:
-    """(reasons to refuse, reasons to warn, the fix) for a volume with measurements `m` given as `modality`."""
+def judge(m: Measurements, modality: str,
+          guess: ModalityGuess | None = None) -> tuple[list[str], list[str], str]:
+    """(reasons to refuse, reasons to warn, the fix) for a volume with measurements `m` and the classifier's
+    `guess`, given as `modality`."""
     s_refuse, s_warn = _skull_findings(m)
-    if s_refuse:  # a head scan: its intensity statistics say nothing about the modality
+    if s_refuse:  # a head scan: the classifier was trained on skull-stripped brains and says nothing here
         return [f"does not look skull-stripped ({'; '.join(s_refuse)})"], [], PREPROCESS_FIX
-    m_refuse, m_warn = _modality_findings(m, modality)
+    m_refuse, m_warn = _modality_findings(guess, modality)
     refuse = [f"is given as {modality} but {r}" for r in m_refuse]
     warn = ([f"may not be skull-stripped ({'; '.join(s_warn)})"] if s_warn else []) + \
            [f"is given as {modality} but {w}" for w in m_warn]
-    fix = (f"give the case's {modality} volume (check the file), or pass --force to segment it anyway"
+    fix = (f"give the case's {NAMES.get(modality, modality)} volume (check the file and its name), or pass "
+           "--force to segment it anyway"
            if m_refuse else PREPROCESS_FIX)
     return refuse, warn, fix
 
 
-def verdict(m: Measurements, modality: str) -> str:
-    """``"ok"``, ``"warn: ..."`` or ``"refuse: ..."`` (what `check_volume` does with these measurements)."""
-    refuse, warn, _ = judge(m, modality)
+def verdict(m: Measurements, modality: str, guess: ModalityGuess | None = None) -> str:
+    """``"ok"``, ``"warn: ..."`` or ``"refuse: ..."`` (what `check_volume` does with these findings)."""
+    refuse, warn, _ = judge(m, modality, guess)
     return "refuse: " + "; ".join(refuse) if refuse else ("warn: " + "; ".join(warn) if warn else "ok")
 
 
@@ -167,7 +202,9 @@ def check_volume(volume: np.ndarray, affine: np.ndarray, zooms: Sequence[float],
     """Judge one volume given as `modality`: returns `verdict`. Without `force` a refusal raises
     `InputImageError` naming `source`, the reason and the fix; warnings (and forced refusals) are logged, one
     line each."""
-    refuse, warn, fix = judge(measure(volume, affine, zooms), modality)
+    m = measure(volume, affine, zooms)
+    guess = guess_modality(volume, affine) if modality in CLASSES and not _skull_findings(m)[0] else None
+    refuse, warn, fix = judge(m, modality, guess)
     if refuse and not force:
         raise InputImageError("; ".join(refuse), path=source, fix=fix)
     label = f"{source}: " if source else ""
