@@ -72,6 +72,7 @@ def test_wheel_from_python_m_build_runs_in_a_fresh_venv_without_torch(tmp_path):
     from diffseg_engine import __version__
     lic = f"diffseg_engine-{__version__}.dist-info/licenses/"
     for want in ("diffseg_engine/models/default.onnx", "diffseg_engine/models/default.safetensors",
+                 "diffseg_engine/models/modality.safetensors",  # the input check's classifier (resolve_case below)
                  "diffseg_engine/demo/TCGA-DU-7294_flair.nii.gz", "diffseg_engine/demo/NOTICE.md",
                  lic + "LICENSE", lic + "DATA_LICENSE.md", lic + "CITATION.cff"):
         assert want in names, want
