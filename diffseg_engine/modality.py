@@ -21,7 +21,7 @@ import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 from scipy import ndimage
@@ -247,7 +247,3 @@ def default_classifier() -> ModalityClassifier:
     """The shipped classifier (`models/modality.safetensors`), loaded once per process."""
     return ModalityClassifier.load(DEFAULT_FILE)
 
-
-def classes_index(names: Sequence[str]) -> np.ndarray:
-    """Class indices of canonical modality names (`CLASSES` order)."""
-    return np.array([CLASSES.index(n) for n in names], np.int64)
