@@ -4,9 +4,9 @@ Owns: the classifier's input (`classifier_slices`: axial slices of the brain, [K
 pass in numpy (`forward`, a four-layer CNN, 61 k parameters), its file (safetensors, with a
 `ModalityClassifierCard` in the metadata, tensors checked against the card's digest) and the verdict on one
 volume (`ModalityClassifier.predict` -> `ModalityGuess`). Trained by `diffseg_engine.train.modality` (torch),
-which imports `classifier_slices` from here, so training and inference see the same input.
-Imports: numpy, scipy, safetensors, `errors`, `preprocess`, `weights` (digest). Must not import torch,
-nibabel, `sanity` or anything above it.
+which imports `brain_band` and `classifier_slices` from here, so training and inference see the same input.
+Imports: numpy, scipy, `card` (`Preprocessing`), `errors`, `preprocess` (axial order, intensity normalisation),
+`weights` (the safetensors container and digest). Must not import torch, nibabel, `sanity` or anything above it.
 
 Why learned: the hand-made features (an intensity level, a cortex/white-matter ratio) order each patient's
 T1 and FLAIR but overlap across cohorts (benchmarks/results/input_sanity-measurements.md). The contrast that
@@ -27,7 +27,9 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import ModelFileError
-from .preprocess import slice_axis, to_axial
+from .card import Preprocessing
+from .preprocess import normalise_intensity, slice_axis, to_axial
+from .weights import read_tensors, weights_digest, write_tensors
 
 #: The classifier's classes, in the order of its outputs (canonical modality names, `cases.MODALITIES`).
 CLASSES = ("flair", "t1", "t1ce", "t2")
@@ -88,61 +90,55 @@ class ModalityGuess:
 
 # ---- input --------------------------------------------------------------------------------------------------
 
-def brain_band(volume: np.ndarray, affine: np.ndarray, *, size: int = 64, band: tuple[float, float] = (0.25, 0.75),
-               min_area: float = 0.3) -> np.ndarray:
-    """Every axial slice of the brain's central band, as the classifier sees it: float32 [S, 2, size, size].
+#: The classifier's intensity channel: the engine's percentile normalisation (non-zero voxels, 1st-99th).
+INTENSITY = Preprocessing(intensity="percentile", percentile_low=1.0, percentile_high=99.0)
 
-    Channel 0: intensity, the brain's (non-zero voxels') 1st-99th percentile range to [0, 1], clipped;
-    channel 1: the brain mask. In-plane, the brain's bounding box (over the band) is padded to a square and
+
+def brain_band(volume: np.ndarray, affine: np.ndarray, *, size: int = 64, band: tuple[float, float] = (0.25, 0.75),
+               min_area: float = 0.3, n_slices: int | None = None) -> np.ndarray:
+    """Axial slices of the brain's central band, as the classifier sees it: float32 [S, 2, size, size] (all of
+    the band's slices, or `n_slices` of them evenly spaced over it).
+
+    Channel 0: intensity, `preprocess.normalise_intensity` with `INTENSITY` over the whole volume; channel 1:
+    the brain mask (non-zero voxels). In-plane, the brain's bounding box over the band is padded to a square and
     resampled to size x size (linear), so voxel size and field of view do not matter. The band: of the slices
     whose brain area is at least `min_area` of the largest, the fractions band[0]..band[1] of their extent (a
-    2D slice or a short stack gives what it has). An empty volume gives [0, 2, size, size].
+    2D slice or a short stack gives what it has). An empty volume gives [0, 2, size, size]; NaN voxels and a
+    constant brain raise `normalise_intensity`'s `InputImageError`.
     """
     vol = np.asarray(volume, dtype=np.float32)
     vol = vol[:, :, None] if vol.ndim == 2 else vol
     ax = to_axial(vol, slice_axis(affine, vol.shape))
-    mask = np.isfinite(ax) & (ax != 0)
+    mask = ax != 0
     area = mask.sum(axis=(1, 2))
     if not area.any():
         return np.zeros((0, 2, size, size), np.float32)
     keep = np.flatnonzero(area >= min_area * area.max())
-    lo, hi = keep[0], keep[-1]
-    n = hi - lo + 1
+    lo, n = keep[0], keep[-1] - keep[0] + 1
     s0 = lo + int(np.floor(band[0] * (n - 1) + 0.5))
     s1 = lo + int(np.floor(band[1] * (n - 1) + 0.5))
-    sl = slice(s0, s1 + 1)
-    stack, m = ax[sl], mask[sl]
-    vals = ax[mask]
-    p1, p99 = np.percentile(vals, [1.0, 99.0])
-    scale = float(p99 - p1) if p99 > p1 else 1.0
-    img = np.where(m, np.clip((stack - p1) / scale, 0.0, 1.0), 0.0).astype(np.float32)
+    m = mask[s0:s1 + 1]
+    picks = np.arange(m.shape[0])
+    if n_slices is not None and m.shape[0] > n_slices:
+        picks = np.round(np.linspace(0, m.shape[0] - 1, n_slices)).astype(int)
+    img = normalise_intensity(ax, INTENSITY)[s0:s1 + 1]
     rows = np.flatnonzero(m.any(axis=(0, 2)))
     cols = np.flatnonzero(m.any(axis=(0, 1)))
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     side = max(r1 - r0, c1 - c0)
     # the square box centred on the brain's bounding box; pixel centres of the output grid inside it
-    rc, cc = (r0 + r1) / 2.0, (c0 + c1) / 2.0
     t = (np.arange(size) + 0.5) * side / size - side / 2.0 - 0.5
-    rr, cc_ = np.meshgrid(rc + t, cc + t, indexing="ij")
-    out = np.empty((stack.shape[0], 2, size, size), np.float32)
-    for k in range(stack.shape[0]):
-        out[k, 0] = ndimage.map_coordinates(img[k], [rr, cc_], order=1, mode="constant", cval=0.0)
-        out[k, 1] = ndimage.map_coordinates(m[k].astype(np.float32), [rr, cc_], order=1, mode="constant", cval=0.0)
+    grid = np.meshgrid((r0 + r1) / 2.0 + t, (c0 + c1) / 2.0 + t, indexing="ij")
+    out = np.empty((len(picks), 2, size, size), np.float32)
+    for k, i in enumerate(picks):
+        out[k, 0] = ndimage.map_coordinates(img[i], grid, order=1, mode="constant", cval=0.0)
+        out[k, 1] = ndimage.map_coordinates(m[i].astype(np.float32), grid, order=1, mode="constant", cval=0.0)
     return out
-
-
-def pick_slices(band_stack: np.ndarray, n: int) -> np.ndarray:
-    """`n` slices of [S, ...] evenly spaced over S (all of them when S <= n)."""
-    s = band_stack.shape[0]
-    if s <= n:
-        return band_stack
-    return band_stack[np.round(np.linspace(0, s - 1, n)).astype(int)]
 
 
 def classifier_slices(volume: np.ndarray, affine: np.ndarray, card: ModalityClassifierCard) -> np.ndarray:
     """The classifier's input for one volume: float32 [K <= card.n_slices, 2, size, size]."""
-    return pick_slices(brain_band(volume, affine, size=card.size, band=card.band, min_area=card.min_area),
-                       card.n_slices)
+    return brain_band(volume, affine, size=card.size, band=card.band, min_area=card.min_area, n_slices=card.n_slices)
 
 
 # ---- network ------------------------------------------------------------------------------------------------
@@ -183,17 +179,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def save_classifier(path: str | Path, tensors: Mapping[str, np.ndarray], card: ModalityClassifierCard) -> ModalityClassifierCard:
     """Write float32 `tensors` with `card` (its digest filled in) atomically; returns that card."""
-    from safetensors.numpy import save as _serialize
-
-    from .atomic import atomic_write
-    from .weights import weights_digest
-    arrays = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()}
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
     card = ModalityClassifierCard(**{**asdict(card), "weights_sha256": weights_digest(arrays)})
-    blob = _serialize(arrays, metadata={CARD_KEY: card.to_json()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as f:
-        f.write(blob)
+    write_tensors(path, arrays, {CARD_KEY: card.to_json()})
     return card
 
 
@@ -206,22 +194,11 @@ class ModalityClassifier:
     @classmethod
     def load(cls, path: str | Path = DEFAULT_FILE) -> "ModalityClassifier":
         """Read and verify a classifier file (`ModelFileError` naming it when unreadable or tampered)."""
-        from safetensors import SafetensorError, safe_open
-
-        from .weights import weights_digest
-        path = Path(path)
-        if not path.is_file():
+        if not Path(path).is_file():
             raise ModelFileError("modality classifier file not found", path=path,
                                  fix="reinstall diffseg-engine (the file ships inside the package)")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, ValueError, OSError, TypeError) as exc:
-            raise ModelFileError(f"modality classifier file is not readable safetensors ({exc})", path=path) from None
-        if CARD_KEY not in meta:
-            raise ModelFileError("safetensors file has no modality classifier card", path=path,
-                                 fix="write it with `python -m diffseg_engine.train.modality`")
+        tensors, meta = read_tensors(path, card_key=CARD_KEY, missing_card="safetensors file has no modality "
+                                     "classifier card", missing_fix="write it with `python -m diffseg_engine.train.modality`")
         card = ModalityClassifierCard.from_json(meta[CARD_KEY], source=path)
         if weights_digest(tensors) != card.weights_sha256:
             raise ModelFileError("modality classifier tensors do not match the digest in its card (tampered or "

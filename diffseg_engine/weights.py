@@ -1,6 +1,7 @@
 """Model weights on disk: safetensors files read and written as numpy arrays, never unpickled.
 
-Owns: `save_weights` / `load_weights` / `read_metadata` (the container itself is the `safetensors` package's
+Owns: `save_weights` / `load_weights` / `read_metadata` (and under them `write_tensors` / `read_tensors`, which
+the modality classifier's file uses too) (the container itself is the `safetensors` package's
 numpy API: parsing, bounds and overlap checks are the library's), the weights digest stored in the model card
 (`weights_digest`), and the translation of the library's errors into one-line `ModelFileError`s that name
 the file (truncated, trailing bytes, impossible header, not JSON) plus the refusal of files without a card or
@@ -60,20 +61,25 @@ def weights_digest(tensors: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save_weights(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], card: ModelCard,
-                 extra_metadata: Mapping[str, str] | None = None) -> ModelCard:
-    """Write `tensors` and `card` (with its weights_sha256 filled in) atomically. Returns that card."""
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """Write `tensors` (little-endian) and string `metadata` as one safetensors file, atomically."""
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     for k, a in arrays.items():
         if _dtype_name(a.dtype) is None:
             raise ModelFileError(f"tensor {k} has unsupported dtype {a.dtype}")
         arrays[k] = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    card = card.replace(weights_sha256=weights_digest(arrays))
-    blob = _serialize(arrays, metadata={CARD_KEY: card.to_json(), **dict(extra_metadata or {})})
+    blob = _serialize(arrays, metadata=dict(metadata))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         f.write(blob)
+
+
+def save_weights(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], card: ModelCard,
+                 extra_metadata: Mapping[str, str] | None = None) -> ModelCard:
+    """Write `tensors` and `card` (with its weights_sha256 filled in) atomically. Returns that card."""
+    card = card.replace(weights_sha256=weights_digest(tensors))
+    write_tensors(path, tensors, {CARD_KEY: card.to_json(), **dict(extra_metadata or {})})
     return card
 
 
@@ -115,19 +121,29 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_weights(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, np.ndarray], ModelCard]:
-    """Read tensors and model card; with `verify`, refuse files whose tensors do not match the card's digest."""
+def read_tensors(path: str | os.PathLike, *, card_key: str = CARD_KEY,
+                 missing_card: str = "safetensors file has no diffseg model card in its metadata",
+                 missing_fix: str = "write it with `diffseg-engine train` or `diffseg-engine export`",
+                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file that carries a card under `card_key` (`ModelFileError`
+    naming the file, with `missing_card` and `missing_fix`, when it does not)."""
     path = Path(path)
     with _open(path) as f:
-        meta = f.metadata() or {}
-        if CARD_KEY not in meta:
-            raise ModelFileError("safetensors file has no diffseg model card in its metadata", path=path,
-                                 fix="write it with `diffseg-engine train` or `diffseg-engine export`")
-        card = ModelCard.from_json(meta[CARD_KEY], source=path)
+        meta = dict(f.metadata() or {})
+        if card_key not in meta:
+            raise ModelFileError(missing_card, path=path, fix=missing_fix)
         try:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, TypeError, ValueError) as exc:  # e.g. a dtype numpy lacks
             raise _library_error(exc, path) from None
+    return tensors, meta
+
+
+def load_weights(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, np.ndarray], ModelCard]:
+    """Read tensors and model card; with `verify`, refuse files whose tensors do not match the card's digest."""
+    path = Path(path)
+    tensors, meta = read_tensors(path)
+    card = ModelCard.from_json(meta[CARD_KEY], source=path)
     if verify:
         digest = weights_digest(tensors)
         if digest != card.weights_sha256:
