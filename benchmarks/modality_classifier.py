@@ -15,19 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from diffseg_engine.modality import CLASSES, ModalityGuess
-from diffseg_engine.sanity import PAIR_LOGODDS, _modality_findings
+from diffseg_engine.sanity import PAIR_LOGODDS, _modality_findings, pair_logodds as _logodds
 
 
 def _verdict(guess: ModalityGuess, given: str) -> str:
     refuse, warn = _modality_findings(guess, given)
     return "refuse" if refuse else ("warn" if warn else "ok")
-
-
-def _logodds(p: dict, a: str, b: str) -> float:
-    return float(np.log(max(p[a], 1e-12)) - np.log(max(p[b], 1e-12)))
 
 
 def main(root: Path, rows_file: Path) -> None:

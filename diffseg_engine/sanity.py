@@ -150,6 +150,11 @@ def _skull_findings(m: Measurements) -> tuple[list[str], list[str]]:
     return refuse, warn
 
 
+def pair_logodds(probs: dict[str, float], other: str, given: str) -> float:
+    """log p(other) - log p(given) of a classifier guess (probabilities floored at 1e-12)."""
+    return float(np.log(max(probs[other], 1e-12)) - np.log(max(probs[given], 1e-12)))
+
+
 def _modality_findings(guess: ModalityGuess | None, modality: str) -> tuple[list[str], list[str]]:
     """(refusals, warnings) from `PAIR_LOGODDS`: at most one finding, the other class with the largest log-odds
     among those that reach a threshold."""
@@ -160,7 +165,7 @@ def _modality_findings(guess: ModalityGuess | None, modality: str) -> tuple[list
     for (given, other), (refuse_at, warn_at) in PAIR_LOGODDS.items():
         if given != modality:
             continue
-        lo = float(np.log(max(p[other], 1e-12)) - np.log(max(p[modality], 1e-12)))
+        lo = pair_logodds(p, other, modality)
         if refuse_at is not None and lo >= refuse_at:
             hits.append((1, lo, other))
         elif warn_at is not None and lo >= warn_at:

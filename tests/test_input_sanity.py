@@ -23,10 +23,15 @@ NATIVE = "other/TCGA-FG-6692-native"
 PREPROCESSED = "unlabelled/TCGA-FG-6692"
 
 
-def _flairs(data: Path) -> list[Path]:
+def _volumes(data: Path, tokens: tuple[str, ...]) -> list[Path]:
+    """The BraTS-preprocessed 3D volumes under `data` whose names contain one of `tokens`."""
     return sorted(p for p in data.rglob("*.nii.gz") if "algorithm-segmentations" not in p.parts
                   and "slices2d" not in str(p) and "native" not in str(p)
-                  and any(t in p.name.lower() for t in ("_flair", "-t2f")))
+                  and any(t in p.name.lower() for t in tokens))
+
+
+def _flairs(data: Path) -> list[Path]:
+    return _volumes(data, ("_flair", "-t2f"))
 
 
 def _verdict(path: Path, modality: str, **kw) -> str:
@@ -77,9 +82,7 @@ def test_native_flair_is_refused_by_segment_before_the_model_loads(shared_data, 
 
 
 def _t1s(data: Path) -> list[Path]:
-    return sorted(p for p in data.rglob("*.nii.gz") if "algorithm-segmentations" not in p.parts
-                  and "slices2d" not in str(p) and "native" not in str(p)
-                  and any(t in p.name.lower() for t in ("_t1.", "-t1n.")))
+    return _volumes(data, ("_t1.", "-t1n."))
 
 
 def test_every_real_t1_given_as_flair_is_refused_naming_file_reason_and_fix(shared_data):
