@@ -188,8 +188,8 @@ def save_classifier(path: str | Path, tensors: Mapping[str, np.ndarray], card: M
 class ModalityClassifier:
     """The classifier loaded from one file: `load`, then `predict` per volume."""
 
-    def __init__(self, weights: Mapping[str, np.ndarray], card: ModalityClassifierCard, source: str = ""):
-        self.weights, self.card, self.source = dict(weights), card, source
+    def __init__(self, weights: Mapping[str, np.ndarray], card: ModalityClassifierCard):
+        self.weights, self.card = dict(weights), card
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_FILE) -> "ModalityClassifier":
@@ -203,7 +203,7 @@ class ModalityClassifier:
         if weights_digest(tensors) != card.weights_sha256:
             raise ModelFileError("modality classifier tensors do not match the digest in its card (tampered or "
                                  "corrupt)", path=path, fix="reinstall diffseg-engine")
-        return cls(tensors, card, str(path))
+        return cls(tensors, card)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """[K, 2, size, size] -> [K, classes]."""

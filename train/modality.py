@@ -3,7 +3,7 @@
 Owns: the classifier network in torch (`ModalityNet`, layer for layer what `modality.forward` computes in
 numpy), the training volumes found in a BraTS-style data folder (`find_volumes`, one cohort label each), the
 augmentation that stands in for the scanners and protocols we do not have (`augment`), `train_classifier`,
-and the leave-one-cohort-out evaluation (`heldout_table`).
+and the leave-one-cohort-out evaluation (`heldout_rows`; benchmarks/modality_classifier.py renders it).
 Imports: numpy, torch, nibabel, `diffseg_engine.modality` (the input slices and the file), `cases` (file
 names). Must not import the CLI.
 
@@ -188,19 +188,6 @@ def heldout_rows(volumes: Sequence[Volume], card: ModalityClassifierCard, *, ste
     return rows
 
 
-def heldout_table(rows: Sequence[dict], root: Path) -> str:
-    """Markdown: one row per held-out volume, then the accuracy and the lowest probability the right class got."""
-    lines = ["| file | cohort | modality | predicted | " + " | ".join(f"p({c})" for c in CLASSES) + " |",
-             "|---|---|---|---|" + "---|" * len(CLASSES)]
-    for r in rows:
-        best = max(r["probs"], key=r["probs"].get)
-        mark = "" if best == r["modality"] else " **wrong**"
-        rel = Path(r["file"]).relative_to(root) if Path(r["file"]).is_relative_to(root) else r["file"]
-        lines.append(f"| {rel} | {r['cohort']} | {r['modality']} | {best}{mark} | "
-                     + " | ".join(f"{r['probs'][c]:.3f}" for c in CLASSES) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffseg_engine.train.modality", description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["train", "heldout"])
@@ -219,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.what == "heldout":
         rows = heldout_rows(volumes, card, steps=a.steps, seed=a.seed, log=log)
         a.out.write_text(json.dumps(rows, indent=1))
-        print(heldout_table(rows, a.data))
+        right = sum(max(r["probs"], key=r["probs"].get) == r["modality"] for r in rows)
+        print(f"held-out accuracy {right}/{len(rows)}; rows in {a.out} (the table: benchmarks/modality_classifier.py)")
         return 0
     net = train_classifier(volumes, card, steps=a.steps, seed=a.seed, log=log)
     cohorts = tuple(sorted({v.cohort for v in volumes}))
