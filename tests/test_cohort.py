@@ -105,7 +105,7 @@ def test_list_cohort_layouts_parts_and_refusals(shared_data, tmp_path):
     train = shared_data / "train"
     every = list_cohort(train)
     ids = [e.case_id for e in every]
-    assert ids == sorted(p.name for p in train.iterdir() if p.is_dir()) and len(ids) == 12
+    assert ids == sorted(p.name for p in train.iterdir() if p.is_dir()) and len(ids) == 40
     assert all(e.inputs == (train / e.case_id,) for e in every)
     assert is_cohort_source(train) and not is_cohort_source(train / "BraTS18_CBICA_AOO")
     assert not is_cohort_source(train / "BraTS18_CBICA_AOO" / "BraTS18_CBICA_AOO_flair.nii.gz")
