@@ -168,6 +168,13 @@ class ModelCard:
             )
         if len(set(self.modalities)) != len(self.modalities):
             raise ModelFileError(f"model card lists a modality twice: {list(self.modalities)}")
+        if self.diffusion.learn_sigma != self.architecture.learn_sigma:
+            raise ModelFileError(
+                f"model card is inconsistent: diffusion.learn_sigma is {self.diffusion.learn_sigma} but the network "
+                f"has {self.architecture.out_channels} output channel{'s' if self.architecture.out_channels != 1 else ''}"
+                f" ({'a learned variance' if self.architecture.learn_sigma else 'no learned variance'})",
+                fix="re-export the model with this diffseg-engine, which writes both from the same network",
+            )
         if self.preprocessing.image_size % self.architecture.size_divisor:
             raise ModelFileError(
                 f"image size {self.preprocessing.image_size} is not a multiple of "
@@ -223,7 +230,9 @@ class ModelCard:
                 format_version=version,
                 training=dict(data.get("training", {})),
             )
-        except ModelFileError:
+        except ModelFileError as exc:
+            if exc.path is None and source is not None:  # a check of the card itself: name the file it came from
+                raise ModelFileError(exc.message, path=source, fix=exc.fix) from None
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"model card is malformed ({exc!r})", path=source,

@@ -121,6 +121,14 @@ class AutoN:
         return {"n": "auto", "n_min": int(self.n_min), "n_step": int(self.n_step), "n_max": int(self.n_max),
                 "n_tol": float(self.tol)}
 
+    def in_pairs(self) -> "AutoN":
+        """The schedule a mirrored ensemble runs (members alternate plain, mirrored): n_min and n_step rounded up
+        to even counts and n_max down to one (not below n_min), so every round ends, and every slice stops, with
+        as many plain as mirrored members. Odd ends would make the stop rule measure how the two views differ
+        (a round of 5 adds 3 of one view and 2 of the other) and leave the mean leaning to one view."""
+        lo, step = self.n_min + self.n_min % 2, self.n_step + self.n_step % 2
+        return AutoN(n_max=max(lo, self.n_max - self.n_max % 2), n_min=lo, n_step=step, tol=self.tol)
+
 
 #: What a run asks for: N members per slice, or `AutoN`.
 EnsembleSize = Union[int, AutoN]
@@ -138,6 +146,11 @@ def max_members(size: EnsembleSize) -> int:
 def round_bounds(size: EnsembleSize) -> list[int]:
     """Member counts at the end of each round: [N] for a fixed size (one round), `AutoN.bounds` else."""
     return size.bounds() if isinstance(size, AutoN) else [int(size)]
+
+
+def sampled_size(size: EnsembleSize, mirror: bool) -> EnsembleSize:
+    """The ensemble size the sampler runs: `AutoN.in_pairs` for ``--n auto`` with mirrored members, else `size`."""
+    return size.in_pairs() if mirror and isinstance(size, AutoN) else size
 
 
 def ensemble_identity(size: EnsembleSize) -> dict:

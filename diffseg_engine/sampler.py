@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from .card import ModelCard
-from .ensemble import AutoN, EnsembleSize, EnsembleStats, member_probability
+from .ensemble import AutoN, EnsembleSize, EnsembleStats, member_probability, sampled_size
 from .errors import BatchMemoryError, ResourceError, UsageError
 from .geometry import lr_network_axis
 from .noise import BatchNoise, NoiseStreams
@@ -133,7 +133,8 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: EnsembleSize, 
     """Sample `members` masks for each slice of `images` [S, C, h, w]; returns their streamed statistics.
 
     members: N (every slice gets N) or `ensemble.AutoN` (rounds; a slice stops when a round no longer changes
-    its maps, `rounds.Rounds`); `stats.count` then says how many members each slice got.
+    its maps, `rounds.Rounds`; with mirrored members in even counts, `AutoN.in_pairs`); `stats.count` then
+    says how many members each slice got.
     Work items (slice, member) are processed in chunks of at most `batch_size` (a chunk never spans two
     rounds); every chunk runs all K steps, one `step` call per timestep. Member (s, m) draws x_T and every z
     from stream (slice_ids[s], m), so the result does not depend on `batch_size`. `start_item`, `stats` and
@@ -154,6 +155,7 @@ def sample_ensemble(step: StepFn, images: np.ndarray, *, members: EnsembleSize, 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     stats = stats if stats is not None else EnsembleStats(S, (h, w))
+    members = sampled_size(members, plan.mirror)  # mirrored --n auto: rounds of even counts
     rounds = rounds if rounds is not None else Rounds(S, members)
     lo = start_item
     while not rounds.finished:

@@ -31,7 +31,7 @@ from .atomic import AtomicFiles, atomic_write
 from .backends.base import StepBackend, open_backend
 from .card import ModelCard
 from .cases import canonical_modality, classify_file, find_case
-from .ensemble import EnsembleSize, describe_size, ensemble_identity, is_auto, max_members
+from .ensemble import EnsembleSize, describe_size, ensemble_identity, is_auto, max_members, sampled_size
 from .errors import BatchMemoryError, CropWindowError, InputImageError, MissingModalityError, OutputError, UsageError
 from .lesions import DEFAULT_MIN_COMPONENT, lesion_mask
 from .lock import OutputLock
@@ -492,18 +492,19 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     fingerprint = _fingerprint(case, backend, plan, n, seed, save_samples, input_sha, model_sha)
     S = len(prepared.inputs)
     auto = is_auto(n)
-    items = S * max_members(n)  # for --n auto the most there can be
+    sched = sampled_size(n, plan.mirror)  # what the rounds run (mirrored --n auto: even counts)
+    items = S * max_members(sched)  # for --n auto the most there can be
     h = w = card.image_size
     samples = np.zeros((S, n, h, w), np.float32) if save_samples else None
 
-    start, stats, rounds = 0, None, Rounds(S, n)
+    start, stats, rounds = 0, None, Rounds(S, sched)
     try:
         old = partial.params() if partial.exists() else None
         if old is not None and old.get("fingerprint") == fingerprint:
             start, stats = partial.load(S, None if auto else n, (h, w), samples)
             if auto:
                 try:
-                    rounds = Rounds.restore(S, n, partial.schedule or {}, stats, start)
+                    rounds = Rounds.restore(S, sched, partial.schedule or {}, stats, start)
                 except ValueError as exc:
                     raise partial._broken(str(exc)) from None
             batch_size = batch_size or int(old.get("batch_size") or 0)  # auto: the size the run started with
@@ -516,7 +517,7 @@ def _segment_locked(case: CaseInput, backend: StepBackend, out_dir: Path, partia
     except OutputError:
         if not overwrite:
             raise
-        start, stats, rounds = 0, None, Rounds(S, n)  # --overwrite: unfinished work that cannot be resumed is discarded
+        start, stats, rounds = 0, None, Rounds(S, sched)  # --overwrite: unfinished work that cannot be resumed is discarded
         if samples is not None:
             samples[:] = 0
     bs = batch_size or default_batch_size(card, items, backend.device)

@@ -94,6 +94,27 @@ def test_slices_stop_where_an_independent_count_says_and_empty_slices_stop_first
     assert int(stats.count.sum()) < 30 * len(images)
 
 
+def test_mirrored_auto_runs_stop_only_with_as_many_plain_as_mirrored_members():
+    """With mirrored members (even m plain, odd m mirrored) rounds of odd size would stop slices on the views'
+    disagreement and leave the mean leaning to one view: the rounds run in even counts (`AutoN.in_pairs`), so
+    every slice ends with its two views balanced, and a slice stopped at k has the maps of a fixed k run."""
+    auto = AutoN(n_max=31, n_min=5, n_step=5, tol=0.03)
+    assert auto.in_pairs() == AutoN(n_max=30, n_min=6, n_step=6, tol=0.03)
+    assert AutoN(n_max=7, n_min=7, n_step=1).in_pairs() == AutoN(n_max=8, n_min=8, n_step=2)
+    images = _toy_images()
+    mirrored = PLAN.__class__(**{**PLAN.__dict__, "mirror": True})
+    run = lambda size, bs: sample_ensemble(_toy_step, images, members=size, plan=mirrored,  # noqa: E731
+                                           streams=NoiseStreams(7, "case"), slice_ids=np.arange(40, 40 + len(images)),
+                                           card=CARD, batch_size=bs)
+    stats = run(auto, 7)
+    assert all(c % 2 == 0 for c in stats.count) and set(stats.count) <= {12, 18, 24, 30}
+    assert len(set(stats.count.tolist())) >= 2
+    for s, k in enumerate(stats.count):
+        fixed = run(int(k), 5)
+        np.testing.assert_array_equal(stats._mean[s], fixed._mean[s])
+        np.testing.assert_array_equal(stats._m2[s], fixed._m2[s])
+
+
 def test_a_slice_stopped_at_k_has_the_fixed_k_maps_whatever_the_batch_size():
     images = _toy_images()
     auto = AutoN(n_max=30, n_min=4, n_step=3, tol=0.03)

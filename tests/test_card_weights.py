@@ -43,6 +43,29 @@ def test_card_rejects_inconsistent_channels_and_future_versions():
         ModelCard.from_dict({"format_version": 1, "name": "x"})
 
 
+def test_card_whose_learn_sigma_disagrees_with_the_network_is_refused_on_load(tmp_path):
+    """diffusion.learn_sigma must say what the network's output channels say (2: learned variance, 1: none);
+    a file whose card disagrees is refused when loaded, naming the file."""
+    assert _card().diffusion.learn_sigma and _card().architecture.out_channels == 2  # consistent defaults
+    path = tmp_path / "m.safetensors"
+    save_weights(path, _tensors(), _card())
+    header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + header_len])
+    card = json.loads(header["__metadata__"]["diffseg_card"])
+    card["diffusion"]["learn_sigma"] = False
+    header["__metadata__"]["diffseg_card"] = json.dumps(card)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + header_len:])
+    with pytest.raises(ModelFileError, match=r"m\.safetensors: model card is inconsistent: diffusion\.learn_sigma is "
+                                             r"False but the network has 2 output channels"):
+        load_weights(path)
+    with pytest.raises(ModelFileError, match="learn_sigma"):
+        ModelCard(name="t", preset="x", modalities=("flair",),
+                  architecture=Architecture(in_channels=2, model_channels=8, out_channels=1))
+
+
 def test_weights_round_trip_and_digest(tmp_path):
     t = _tensors()
     card = save_weights(tmp_path / "m.safetensors", t, _card())
