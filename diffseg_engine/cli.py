@@ -43,6 +43,7 @@ class Preset(str, Enum):
     cpu = "cpu"
     cpu_fast = "cpu-fast"
     cpu_small = "cpu-small"
+    cpu_small_112 = "cpu-small-112"
     tiny = "tiny"
 
 
@@ -56,6 +57,12 @@ class Prediction(str, Enum):
     """train.loop.PREDICTIONS"""
     eps = "eps"
     x0 = "x0"
+
+
+class Targets(str, Enum):
+    """train.loop.TARGETS"""
+    binary = "binary"
+    soft = "soft"
 
 
 class Engine(str, Enum):
@@ -237,7 +244,8 @@ def train(
                                                          "paper's U-Net, 224²), tiny (for tests)."),
     modalities: Optional[str] = typer.Option(None, help="Comma-separated channel order, e.g. flair or t1,t1ce,t2,flair "
                                                         "(default: the preset's)."),
-    steps: int = typer.Option(10_000, help="Total optimiser steps (with --resume: the new total)."),
+    steps: int = typer.Option(0, help="Total optimiser steps (0: the preset's, 10 000; paper: 60 000 as the paper; "
+                                      "with --resume: the new total, 0 keeps the run's)."),
     batch_size: int = typer.Option(0, help="Slices per step (0: the preset's)."),
     lr: float = typer.Option(0.0, help="Adam learning rate (0: the preset's, 1e-4 as the paper)."),
     ema_rate: float = typer.Option(0.0, help="EMA decay of the saved weights (0: the preset's)."),
@@ -248,7 +256,9 @@ def train(
     seed: int = typer.Option(0, help="Seed of the split, initialisation, batches and noise."),
     precision: Precision = typer.Option(Precision.auto, help="auto measures whether bf16 matmuls are faster on "
                                                "this machine (CPUs without bf16 units run them far slower)."),
-    flip: bool = typer.Option(True, "--flip/--no-flip", help="Random left-right flips."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", show_default=False,
+                                        help="Random left-right flips (default: on, except for the paper preset: "
+                                             "the paper used no augmentation)."),
     max_slices_per_case: int = typer.Option(0, help="Use at most N slices per case (0: all brain slices)."),
     threads: int = typer.Option(0, help="Torch threads (0: the CPUs this process may use, affinity and cgroup "
                                         "quota aware)."),
@@ -264,6 +274,15 @@ def train(
     mask_scale: float = typer.Option(0.0, help="Masks at ±b in x_0 (0: the preset's values, ±1 or 0/1)."),
     empty_share: float = typer.Option(0.4, help="Share of tumour-free slices per batch (negative: the preset's "
                                                 "tumour weighting, 3x for tumour slices)."),
+    targets: Targets = typer.Option(Targets.binary, help="binary (network pixels with at least half tumour) or soft "
+                                    "(each network pixel's tumour area fraction)."),
+    recycle_share: float = typer.Option(1.0, help="With --recycling: the share of each batch that is recycled (the "
+                                                  "rest sees the true mask)."),
+    dice_weight: float = typer.Option(1.0, help="x0: weight of the soft-Dice loss term (0: MSE + BCE only)."),
+    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last",
+                                       help="NHWC activations (speed only; benchmarks/train_speed.py)."),
+    compile_: bool = typer.Option(False, "--compile/--no-compile",
+                                  help="torch.compile the training forward (speed only; needs a C++ compiler)."),
     objective: Objective = typer.Option(Objective.diffusion, help="diffusion (the DDPM) or segmentation (a "
                                         "deterministic U-Net of the same backbone: the README's baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to --steps."),
@@ -290,7 +309,8 @@ def train(
         threads=threads or usable_cpus(), device=device, max_minutes=max_minutes, objective=_value(objective),
         prediction=_value(prediction),
         recycling=(_value(prediction) == "x0") if recycling is None else recycling, mask_scale=mask_scale,
-        empty_share=empty_share)
+        empty_share=empty_share, targets=_value(targets), recycle_share=recycle_share, dice_weight=dice_weight,
+        channels_last=channels_last, compile=compile_)
     path = run_training(cfg, resume=resume, quiet=_quiet(quiet))
     typer.echo(f"model written to {path}")
 

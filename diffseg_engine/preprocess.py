@@ -406,11 +406,14 @@ def prepare_map(volume: np.ndarray, prepared: PreparedCase | Geometry) -> np.nda
 
 
 def prepare_label(label_volume: np.ndarray, prepared: PreparedCase | Geometry,
-                  affine: np.ndarray | None = None, *, source: object | None = None) -> np.ndarray:
-    """Whole-tumour target (label > 0) on the network grid: float32 {0, 1} [S_sel, h, w].
+                  affine: np.ndarray | None = None, *, source: object | None = None,
+                  soft: bool = False) -> np.ndarray:
+    """Whole-tumour target (label > 0) on the network grid: float32 [S_sel, h, w], {0, 1} or (soft) in [0, 1].
 
-    `prepare_map` of label > 0 (reorientation, slices, linear resampling, crop, area averaging), then blocks
-    with at least half tumour (>= 0.5) are tumour. `affine`, if given, must orient the label like the images.
+    `prepare_map` of label > 0 (reorientation, slices, linear resampling, crop, area averaging); then blocks
+    with at least half tumour (>= 0.5) are tumour, or with `soft` each block keeps its tumour area fraction
+    (upsampled and thresholded at 0.5, the fraction comes back closer to the truth: benchmarks/grid_ceiling.py).
+    `affine`, if given, must orient the label like the images.
     """
     g = _geometry(prepared)
     lab = np.asarray(label_volume)
@@ -426,4 +429,5 @@ def prepare_label(label_volume: np.ndarray, prepared: PreparedCase | Geometry,
         if not same:
             raise InputImageError("label is oriented differently from the images", path=source,
                                   fix="resample the label onto the images' grid")
-    return (prepare_map(lab > 0, g) >= 0.5).astype(np.float32)
+    frac = prepare_map(lab > 0, g)
+    return np.clip(frac, 0.0, 1.0).astype(np.float32) if soft else (frac >= 0.5).astype(np.float32)

@@ -156,8 +156,10 @@ def convert_checkpoint(pt_path: str | os.PathLike, out_path: str | os.PathLike, 
         # orientation "": the arrays as stored, as the paper's loader read them (its reference 2D slices carry
         # an identity affine that does not describe their content)
         preprocessing=Preprocessing(intensity="none", crop_size=224, downsample=1, orientation=""),
+        # the paper's own sampler is the default: DDPM over all 1000 steps
         diffusion=DiffusionSpec(schedule="linear", timesteps=1000, learn_sigma=arch.out_channels == 2,
-                                mask_low=0.0, mask_high=1.0, clip_denoised=True, clip_low=-1.0, clip_high=1.0),
+                                mask_low=0.0, mask_high=1.0, clip_denoised=True, clip_low=-1.0, clip_high=1.0,
+                                sampler="ddpm", sampling_steps=1000),
         training={"source": str(pt_path), "source_sha256": _sha256(pt_path),
                   "converted_by": "diffseg-engine export", "loaded_with": how},
     )

@@ -52,7 +52,7 @@ def test_choices_are_listed_and_defaults_come_from_the_card():
     assert "FLAIR" in seg and "skull-stripped" in seg  # what the default model needs
     assert "brats|nan" in _help("evaluate")
     train = _help("train")
-    assert "paper|cpu|cpu-fast|cpu-small|tiny" in train and "auto|bf16|fp32" in train and "diffusion|segmentation" in train
+    assert "paper|cpu|cpu-fast|cpu-small|cpu-small-112|tiny" in train and "auto|bf16|fp32" in train and "diffusion|segmentation" in train
     assert "eps|x0" in train
     root = _help()
     for code in set(EXIT_CODES.values()):

@@ -100,6 +100,7 @@ def test_paper_sized_checkpoint_converts_with_paper_card(tmp_path):
     d = card.diffusion
     assert (d.schedule, d.timesteps, d.learn_sigma) == ("linear", 1000, True)
     assert (d.mask_low, d.mask_high, d.clip_denoised, d.clip_low, d.clip_high) == (0.0, 1.0, True, -1.0, 1.0)
+    assert (d.sampler, d.sampling_steps) == ("ddpm", 1000)  # the paper's own sampler is the default
     assert card.training["source"] == str(pt)
     assert card.training["source_sha256"] == _sha256(pt)
     assert card.training["converted_by"] == "diffseg-engine export"

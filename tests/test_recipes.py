@@ -227,3 +227,103 @@ def test_x0_models_refuse_unknown_prediction_in_card(x0_model):
     data["diffusion"]["prediction"] = "v"
     with pytest.raises(ModelFileError, match="unknown prediction target"):
         type(card).from_dict(data)
+
+
+def test_partial_recycling_recycles_only_the_chosen_samples():
+    """recycled [B]: those samples see x_t from the model's own guess, the others from the truth."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x, t):
+            seen.append(x[:, -1:].detach().clone())
+            return self.w * x[:, :1] * 4 - 1
+
+    tables = tables_for("linear", 1000)
+    tt = TorchTables(tables)
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(4, 1, 8, 8, generator=gen)
+    mask = torch.where(torch.rand(4, 1, 8, 8, generator=gen) > 0.7, 1.0, -1.0)
+    t = torch.tensor([10, 300, 600, 900])
+    noise, pure = torch.randn(4, 1, 8, 8, generator=gen), torch.randn(4, 1, 8, 8, generator=gen)
+    recycled = torch.tensor([True, False, True, False])
+    x0_loss(Spy(), tt, image, mask, t, noise, -1.0, 1.0, recycle_noise=pure, recycled=recycled)
+    guess = -1 + 2 * torch.sigmoid(0.5 * image * 4 - 1)
+    want = np.where(recycled.numpy()[:, None, None, None], q_sample(tables, guess.numpy(), t.numpy(), noise.numpy()),
+                    q_sample(tables, mask.numpy(), t.numpy(), noise.numpy()))
+    np.testing.assert_allclose(seen[1].numpy(), want, atol=1e-5)
+
+
+def test_soft_targets_and_dice_weight_enter_the_loss_as_fractions():
+    """Soft masks (area fractions between low and high) are the BCE target as they are; binary masks give
+    exactly the {0, 1} targets of before; dice_weight scales the Dice term only."""
+    tables = tables_for("linear", 1000)
+    tt = TorchTables(tables)
+    net = perturbed(UNetModel(build_card(get_preset("tiny"), ("flair",), prediction="x0").architecture), seed=2)
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 1, 16, 16, generator=gen)
+    frac = torch.rand(2, 1, 16, 16, generator=gen)
+    t, noise = torch.tensor([100, 700]), torch.randn(2, 1, 16, 16, generator=gen)
+
+    def bce_of(mask, target):
+        x_t = torch.from_numpy(q_sample(tables, mask.numpy(), t.numpy(), noise.numpy()))
+        logits = net(torch.cat([image, x_t], 1), t)[:, :1]
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2, 3))
+    with torch.no_grad():
+        soft = x0_loss(net, tt, image, -1 + 2 * frac, t, noise, -1.0, 1.0)
+        np.testing.assert_allclose(soft.bce.numpy(), bce_of(-1 + 2 * frac, frac).numpy(), rtol=1e-5)
+        binary = -1 + 2 * (frac > 0.5).float()
+        hard = x0_loss(net, tt, image, binary, t, noise, -1.0, 1.0)
+        np.testing.assert_allclose(hard.bce.numpy(), bce_of(binary, (binary > 0).float()).numpy(), rtol=1e-5)
+        no_dice = x0_loss(net, tt, image, -1 + 2 * frac, t, noise, -1.0, 1.0, dice_weight=0.0)
+        np.testing.assert_allclose(no_dice.loss.numpy(), (soft.mse + soft.bce).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(soft.loss.numpy(), (soft.mse + soft.bce + soft.dice_loss).numpy(), rtol=1e-6)
+
+
+def test_soft_target_slices_carry_the_area_fraction(shared_data):
+    """`--targets soft`: each network pixel's mask is low + (high - low) x its tumour area fraction, whose >= 0.5
+    blocks are exactly the binary targets; tumour slices are those with any tumour in the target."""
+    from diffseg_engine.cases import find_case
+    from diffseg_engine.train.data import load_case_slices
+    case = find_case(shared_data / "train" / "BraTS18_CBICA_ASK")
+    card = build_card(get_preset("tiny"), ("flair",), prediction="x0")
+    soft = load_case_slices(case, card, soft_targets=True)
+    hard = load_case_slices(case, card)
+    frac = (soft.masks + 1) / 2
+    assert soft.masks.min() >= -1 and soft.masks.max() <= 1
+    assert ((frac > 0) & (frac < 1)).any()  # partial blocks at the lesion's border
+    np.testing.assert_array_equal(hard.masks, np.where(frac >= 0.5, 1.0, -1.0).astype(np.float32))
+    assert np.array_equal(soft.has_tumour, (frac > 0).reshape(len(frac), -1).any(1))
+    assert soft.has_tumour.sum() >= hard.has_tumour.sum() and np.array_equal(soft.images, hard.images)
+
+
+def test_channels_last_trains_the_same_model(shared_data, tmp_path):
+    """--channels-last changes the memory layout only: the same steps give the same weights, up to float noise
+    (which Adam's normalised steps amplify where a gradient is near 0: bounded at a tenth of the three steps'
+    largest possible move, 3 x lr = 3e-3)."""
+    base = TrainConfig(data=str(shared_data / "train"), out=str(tmp_path / "a"), preset="tiny", steps=3,
+                       checkpoint_every=3, log_every=1, max_slices_per_case=2, batch_size=4, precision="fp32",
+                       threads=1, prediction="x0", recycling=True, empty_share=0.4, targets="soft",
+                       val_cases=("BraTS18_CBICA_ASK",))
+    a, _ = load_weights(train(base, quiet=True))
+    b, _ = load_weights(train(dataclasses.replace(base, out=str(tmp_path / "b"), channels_last=True), quiet=True))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=3e-4, rtol=0, err_msg=k)
+    other, _ = load_weights(train(dataclasses.replace(base, out=str(tmp_path / "c"), seed=1), quiet=True))
+    assert max(np.abs(a[k] - other[k]).max() for k in a) > 1e-2  # another seed: far outside that bound
+
+
+def test_paper_preset_trains_and_samples_as_the_paper():
+    """The paper's recipe: no augmentation, 60 000 steps, DDPM over all 1000 steps as its card's sampler."""
+    cfg = TrainConfig(data="d", out="o", preset="paper").resolved()
+    assert (cfg.flip, cfg.steps, cfg.batch_size, cfg.lr) == (False, 60_000, 10, 1e-4)
+    assert TrainConfig(data="d", out="o", preset="paper", flip=True, steps=5).resolved().flip is True
+    assert (TrainConfig(data="d", out="o", preset="cpu-small").resolved().flip,
+            TrainConfig(data="d", out="o", preset="cpu-small").resolved().steps) == (True, 10_000)
+    card = build_card(get_preset("paper"), ("t1", "t1ce", "t2", "flair"))
+    plan = chosen_plan(card)
+    assert (plan.sampler, plan.steps, len(plan.coefs)) == ("ddpm", 1000, 1000)

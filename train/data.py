@@ -28,7 +28,7 @@ from diffseg_engine.preprocess import prepare_case, prepare_label
 @dataclass
 class SliceSet:
     images: np.ndarray  # [N, C, h, w] float32 in [0, 1]
-    masks: np.ndarray  # [N, 1, h, w] float32, mask_low / mask_high
+    masks: np.ndarray  # [N, 1, h, w] float32, mask_low / mask_high (soft targets: in between)
     case_ids: np.ndarray  # [N] str
     slice_index: np.ndarray  # [N] int, voxel index along the slice axis of the case's volume
 
@@ -81,14 +81,16 @@ def split_cases(case_ids: Sequence[str], *, val_cases: Sequence[str] | None = No
     return train, val
 
 
-def load_case_slices(case: Case, card: ModelCard, *, max_slices: int | None = None) -> SliceSet:
+def load_case_slices(case: Case, card: ModelCard, *, max_slices: int | None = None,
+                     soft_targets: bool = False) -> SliceSet:
     """Preprocess one labelled case into brain-containing axial slices (the card's orientation and spacing;
-    the label follows the images' reorientation and resampling)."""
+    the label follows the images' reorientation and resampling). soft_targets: masks carry each network
+    pixel's tumour area fraction (low + (high - low)·fraction) instead of the binarised block."""
     paths = case.require(card.modalities)
     images = [load_image(p) for p in paths]
     label = load_image(case.label)
     prepared = prepare_case([im.data for im in images], images[0].affine, card.preprocessing, names=paths)
-    wt = prepare_label(label.data, prepared, label.affine, source=case.label)  # [S, h, w] in {0, 1}
+    wt = prepare_label(label.data, prepared, label.affine, source=case.label, soft=soft_targets)  # [S, h, w]
     lo, hi = card.diffusion.mask_low, card.diffusion.mask_high
     masks = (lo + (hi - lo) * wt)[:, None].astype(np.float32)
     idx = np.arange(len(prepared.inputs))
@@ -96,11 +98,12 @@ def load_case_slices(case: Case, card: ModelCard, *, max_slices: int | None = No
         idx = np.linspace(0, len(idx) - 1, max_slices).round().astype(int)
     return SliceSet(images=prepared.inputs[idx].astype(np.float32), masks=masks[idx],
                     case_ids=np.array([case.case_id] * len(idx)), slice_index=prepared.slice_index[idx],
-                    has_tumour=wt[idx].reshape(len(idx), -1).any(1))
+                    has_tumour=(wt[idx] > 0).reshape(len(idx), -1).any(1))
 
 
-def load_slices(cases: Sequence[Case], card: ModelCard, *, max_slices_per_case: int | None = None) -> SliceSet:
-    parts = [load_case_slices(c, card, max_slices=max_slices_per_case) for c in cases]
+def load_slices(cases: Sequence[Case], card: ModelCard, *, max_slices_per_case: int | None = None,
+                soft_targets: bool = False) -> SliceSet:
+    parts = [load_case_slices(c, card, max_slices=max_slices_per_case, soft_targets=soft_targets) for c in cases]
     return SliceSet(images=np.concatenate([p.images for p in parts]), masks=np.concatenate([p.masks for p in parts]),
                     case_ids=np.concatenate([p.case_ids for p in parts]),
                     slice_index=np.concatenate([p.slice_index for p in parts]),

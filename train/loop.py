@@ -33,6 +33,7 @@ from .unet import UNetModel
 STATE_KEY = "diffseg_train_state"
 OBJECTIVES = ("diffusion", "segmentation")
 PREDICTIONS = ("eps", "x0")
+TARGETS = ("binary", "soft")
 AUGMENTATIONS = ("flip_lr",)  # what `flip` does: mirror left-right (the L axis of the canonical orientation)
 
 
@@ -42,7 +43,7 @@ class TrainConfig:
     out: str
     preset: str = "cpu"
     modalities: tuple[str, ...] = ()
-    steps: int = 10_000
+    steps: int = 0  # 0: the preset's (`Preset.train_steps`: 60 000 for the paper's, as the paper)
     batch_size: int = 0  # 0: the preset's
     lr: float = 0.0  # 0: the preset's
     ema_rate: float = 0.0  # 0: the preset's
@@ -52,7 +53,7 @@ class TrainConfig:
     val_count: int = -1  # -1: about 1/6 of the patients
     seed: int = 0
     precision: str = "auto"  # "auto" | "bf16" | "fp32"; auto measures which matmul is faster here
-    flip: bool = True
+    flip: bool | None = None  # None: the preset's (`Preset.flip`; the paper used no augmentation)
     max_slices_per_case: int = 0  # 0: all brain slices
     threads: int = 0  # 0: all cores
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
@@ -62,15 +63,22 @@ class TrainConfig:
     recycling: bool = False  # x0: noise the model's own no-grad guess from pure noise instead of the truth
     mask_scale: float = 0.0  # masks at ±b (0: the preset's mask values)
     empty_share: float = -1.0  # share of tumour-free slices in a batch (< 0: the preset's tumour weighting)
+    targets: str = "binary"  # "binary" (blocks with >= half tumour) | "soft" (each pixel's tumour area fraction)
+    recycle_share: float = 1.0  # with recycling: the share of each batch that is recycled (the rest sees the truth)
+    dice_weight: float = 1.0  # x0: weight of the soft-Dice term (0: MSE + BCE only)
+    channels_last: bool = False  # NHWC activations (speed only)
+    compile: bool = False  # torch.compile the training forward (speed only)
     split: dict = field(default_factory=dict)  # filled in: {"train": [...], "val": [...]}
 
     # what may differ between the first run and a --resume
-    RESUMABLE = ("data", "out", "steps", "checkpoint_every", "log_every", "threads", "device", "max_minutes")
+    RESUMABLE = ("data", "out", "steps", "checkpoint_every", "log_every", "threads", "device", "max_minutes",
+                 "channels_last", "compile")
 
     def resolved(self) -> "TrainConfig":
         p = get_preset(self.preset)
         return dataclasses.replace(
-            self, modalities=tuple(self.modalities or p.default_modalities),
+            self, modalities=tuple(self.modalities or p.default_modalities), steps=self.steps or p.train_steps,
+            flip=p.flip if self.flip is None else bool(self.flip),
             batch_size=self.batch_size or p.batch_size, lr=self.lr or p.lr, ema_rate=self.ema_rate or p.ema_rate)
 
     def to_json(self) -> str:
@@ -112,6 +120,14 @@ def _check(cfg: TrainConfig) -> None:
         raise UsageError(f"--mask-scale must lie in (0, 1] (0: the preset's masks), got {cfg.mask_scale}")
     if cfg.empty_share >= 1.0:
         raise UsageError(f"--empty-share must be below 1 (negative: the preset's weighting), got {cfg.empty_share}")
+    if cfg.targets not in TARGETS:
+        raise UsageError(f"--targets must be one of {', '.join(TARGETS)}, got {cfg.targets!r}")
+    if not 0.0 < cfg.recycle_share <= 1.0:
+        raise UsageError(f"--recycle-share must lie in (0, 1], got {cfg.recycle_share}")
+    if cfg.recycle_share < 1.0 and not cfg.recycling:
+        raise UsageError("--recycle-share needs --recycling", fix="add --recycling, or drop --recycle-share")
+    if cfg.dice_weight < 0:
+        raise UsageError(f"--dice-weight must not be negative, got {cfg.dice_weight}")
     if cfg.max_minutes < 0:
         raise UsageError(f"--max-minutes must not be negative, got {cfg.max_minutes}")
     resolve_device(cfg.device)
@@ -142,8 +158,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 def _to_numpy(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, np.ndarray]:
     """State dict -> float32 / integer numpy arrays on the CPU."""
-    return {prefix + k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
-            for k, v in sd.items()}
+    return {prefix + k: v.detach().cpu().float().contiguous().numpy() if v.is_floating_point()
+            else v.detach().cpu().contiguous().numpy() for k, v in sd.items()}
 
 
 def _validation_batch(val: SliceSet, n: int, seed: int, num_steps: int):
@@ -168,6 +184,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
         if prev is None or not (out / "state.safetensors").exists():
             raise UsageError(f"nothing to resume in {out}", fix="run without --resume to start a new run")
         changes = {k: getattr(cfg, k) for k in TrainConfig.RESUMABLE}
+        changes["steps"] = cfg.steps or prev.steps  # 0: the total the run was started with
         cfg = dataclasses.replace(prev, **changes)
     else:
         cfg = cfg.resolved()
@@ -191,9 +208,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
     if missing:
         raise DatasetError(f"cases {missing} of this run's split are not in --data", path=cfg.data)
     limit = cfg.max_slices_per_case or None
-    train_set = load_slices([by_id[i] for i in cfg.split["train"]], card, max_slices_per_case=limit)
-    val_set = load_slices([by_id[i] for i in cfg.split["val"]], card, max_slices_per_case=limit) \
-        if cfg.split["val"] else None
+    soft = cfg.targets == "soft"
+    train_set = load_slices([by_id[i] for i in cfg.split["train"]], card, max_slices_per_case=limit,
+                            soft_targets=soft)
+    val_set = load_slices([by_id[i] for i in cfg.split["val"]], card, max_slices_per_case=limit,
+                          soft_targets=soft) if cfg.split["val"] else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
 
@@ -202,8 +221,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = UNetModel(card.architecture).to(device)
-    ema = UNetModel(card.architecture).to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = UNetModel(card.architecture).to(device, memory_format=fmt)
+    ema = UNetModel(card.architecture).to(device, memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # Timesteps and noise come from a generator on the training device (a CPU generator would make the GPU
     # wait for the host every step); its state is saved with the run.
@@ -241,23 +261,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
          "torch": torch.__version__, "max_minutes": cfg.max_minutes})
 
     low, high = card.diffusion.mask_low, card.diffusion.mask_high
-    recycle_noise = None
+    recycle_noise = recycled = None
+    # the network as the training forward sees it: channels-last input, compiled (same parameters either way)
+    train_net = torch.compile(model, dynamic=False) if cfg.compile else model
+
+    def as_fmt(net):
+        return net if not cfg.channels_last else (lambda x, t: net(x.contiguous(memory_format=fmt), t))
 
     def loss_terms(net, img, msk, t, noise):
+        net = as_fmt(net)
         if cfg.objective == "segmentation":
             return segmentation_loss(net, img, msk, low, high)
         if cfg.prediction == "x0":
-            return x0_loss(net, tables, img, msk, t, noise, low, high, recycle_noise=recycle_noise)
+            return x0_loss(net, tables, img, msk, t, noise, low, high, recycle_noise=recycle_noise,
+                           recycled=recycled, dice_weight=cfg.dice_weight)
         return hybrid_loss(net, tables, img, msk, t, noise)
 
     recipe = {"objective": cfg.objective, "augmentations": list(AUGMENTATIONS) if cfg.flip else [],
-              "empty_share": round(sampler.empty_share, 4)}
+              "empty_share": round(sampler.empty_share, 4), "targets": cfg.targets}
     if cfg.objective == "diffusion":
         recipe.update(prediction=cfg.prediction, recycling=cfg.recycling, mask_scale=high)
+        if cfg.recycling and cfg.recycle_share < 1.0:
+            recipe.update(recycle_share=cfg.recycle_share)
+        if cfg.prediction == "x0":
+            recipe.update(dice_weight=cfg.dice_weight)
 
     def checkpoint() -> dict:
-        nonlocal recycle_noise
-        recycle_noise = None  # validation: x_t from the truth, the same for every recipe
+        nonlocal recycle_noise, recycled
+        recycle_noise = recycled = None  # validation: x_t from the truth, the same for every recipe
         val = _validate(ema, loss_terms, val_batch, bf16, device) if val_batch is not None else {}
         info = {**recipe, "steps": step, "preset": cfg.preset, "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
@@ -279,8 +310,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
             t = torch.randint(0, tables.num_steps, (cfg.batch_size,), generator=gen, device=device)
             noise = torch.randn(msk.shape, generator=gen, device=device)
             recycle_noise = torch.randn(msk.shape, generator=gen, device=device) if cfg.recycling else None
+            # drawn only for partial recycling, so the full-recycling recipe keeps its random stream
+            recycled = torch.rand(cfg.batch_size, generator=gen, device=device) < cfg.recycle_share \
+                if cfg.recycling and cfg.recycle_share < 1.0 else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                terms = loss_terms(model, img, msk, t, noise)
+                terms = loss_terms(train_net, img, msk, t, noise)
             loss = terms.loss.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -328,7 +362,7 @@ def _save_state(path: Path, model, ema, opt, gen, sampler, step: int, card: Mode
     tensors = {**_to_numpy(model.state_dict(), "model."), **_to_numpy(ema.state_dict(), "ema.")}
     for i, st in opt.state_dict()["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):
-            tensors[f"opt.{i}.{k}"] = st[k].detach().float().cpu().numpy()
+            tensors[f"opt.{i}.{k}"] = st[k].detach().float().cpu().contiguous().numpy()
         tensors[f"opt.{i}.step"] = np.asarray([float(st["step"])], np.float64)
     tensors["rng.torch"] = gen.get_state().numpy()
     meta = {STATE_KEY: json.dumps({"step": step, "sampler": sampler.state(), "rng_device": gen.device.type})}

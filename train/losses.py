@@ -145,13 +145,19 @@ def _bce_dice(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
 
 def x0_loss(model: torch.nn.Module, tt: TorchTables, image: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
             noise: torch.Tensor, mask_low: float, mask_high: float, *,
-            recycle_noise: torch.Tensor | None = None) -> X0Terms:
-    """Loss per sample of an x0-prediction model: MSE on x0 (mask units) + BCE + soft Dice on the mask.
+            recycle_noise: torch.Tensor | None = None, recycled: torch.Tensor | None = None,
+            dice_weight: float = 1.0) -> X0Terms:
+    """Loss per sample of an x0-prediction model: MSE on x0 (mask units) + BCE + dice_weight · soft Dice.
 
-    mask [B, 1, H, W] in {mask_low, mask_high}; the network sees image ⊕ x_t with x_t = q_sample(x0', t, noise).
-    Without recycling x0' is the ground truth. With recycling (Fu et al., MELBA 2023) x0' is the network's own
-    no-grad prediction from pure noise `recycle_noise` [B, 1, H, W] at the last timestep, so x_t carries the
-    model's current guess rather than the answer, as at sampling time; the target stays the ground truth.
+    mask [B, 1, H, W] in [mask_low, mask_high] (binary targets: at the two ends; soft targets: the tumour area
+    fraction in between, which BCE, Dice and MSE all take as it is). The network sees image ⊕ x_t with
+    x_t = q_sample(x0', t, noise). Without recycling x0' is the ground truth. With recycling (Fu et al., MELBA
+    2023) x0' is the network's own no-grad prediction from pure noise `recycle_noise` [B, 1, H, W] at the last
+    timestep, so x_t carries the model's current guess rather than the answer, as at sampling time; the target
+    stays the ground truth. `recycled` [B] bool, if given, recycles only those samples (the others see the
+    truth), so the network learns both to segment from the image and to read x_t.
+    dice_weight 0 leaves MSE + BCE, whose minimiser is the posterior mean of the mask (a proper score), so that
+    at high noise the network predicts the probability of tumour rather than the sharpest guess.
     """
     span = mask_high - mask_low
     x0_src = mask
@@ -159,14 +165,15 @@ def x0_loss(model: torch.nn.Module, tt: TorchTables, image: torch.Tensor, mask: 
         with torch.no_grad():
             t_last = torch.full_like(t, tt.num_steps - 1)
             guess = model(torch.cat([image, recycle_noise], dim=1), t_last)[:, :1].float()
-            x0_src = x0_from_logit(guess, mask_low, mask_high).detach()
+            guess = x0_from_logit(guess, mask_low, mask_high).detach()
+            x0_src = guess if recycled is None else torch.where(recycled.view(-1, 1, 1, 1), guess, mask)
     x_t = q_sample(tt, x0_src, t, noise)
     logits = model(torch.cat([image, x_t], dim=1), t)[:, :1].float()
     x0 = x0_from_logit(logits, mask_low, mask_high)
     mse = (((x0 - mask) / span) ** 2).mean(dim=(1, 2, 3))
-    target = (mask > (mask_low + mask_high) / 2).float()
+    target = ((mask - mask_low) / span).clamp(0.0, 1.0)  # {0, 1} for binary targets, the area fraction for soft
     bce, dice_loss = _bce_dice(logits, target)
-    return X0Terms(loss=mse + bce + dice_loss, mse=mse, bce=bce, dice_loss=dice_loss)
+    return X0Terms(loss=mse + bce + dice_weight * dice_loss, mse=mse, bce=bce, dice_loss=dice_loss)
 
 
 def segmentation_input(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +193,6 @@ def segmentation_loss(model: torch.nn.Module, image: torch.Tensor, mask: torch.T
     smoothing (predicting nothing on an empty slice costs nothing)."""
     x, t = segmentation_input(image)
     logits = model(x, t)[:, :1].float()
-    target = (mask > (mask_low + mask_high) / 2).float()
+    target = ((mask - mask_low) / (mask_high - mask_low)).clamp(0.0, 1.0)  # binary or area-fraction targets
     bce, dice_loss = _bce_dice(logits, target)
     return SegmentationTerms(loss=bce + dice_loss, bce=bce, dice_loss=dice_loss)

@@ -29,6 +29,8 @@ class Preset:
     lr: float = 1e-4
     dropout: float = 0.0
     tumour_weight: float = 1.0  # how much more often slices with tumour are drawn
+    flip: bool = True  # random left-right flips (off for the paper's preset: the paper used no augmentation)
+    train_steps: int = 10_000  # `train --steps` when not given
     extra: dict = field(default_factory=dict)
 
 
@@ -39,8 +41,10 @@ PRESETS: dict[str, Preset] = {
         name="paper", description="Wolleb et al. 2022: 128 ch, mult 1,1,2,2,4,4, 2 res blocks, attention at 16, 224²",
         model_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_ds=(16,), num_heads=1,
         preprocessing=Preprocessing(crop_size=224, downsample=1),
-        diffusion=DiffusionSpec(mask_low=0.0, mask_high=1.0),
-        default_modalities=("t1", "t1ce", "t2", "flair"), batch_size=10, ema_rate=0.9999,
+        # the paper's sampler (DDPM over all 1000 steps) is its card's default; no augmentation; 60 000 steps
+        diffusion=DiffusionSpec(mask_low=0.0, mask_high=1.0, sampler="ddpm", sampling_steps=1000),
+        default_modalities=("t1", "t1ce", "t2", "flair"), batch_size=10, ema_rate=0.9999, flip=False,
+        train_steps=60_000,
     ),
     # Sized for 2 CPU cores: 112² (2x area downsampling of the 224² crop), 32 channels, one res block per
     # level, attention at downsampling 8 (14x14, the grid the paper's attention sees), masks in {-1, 1}.
@@ -113,3 +117,13 @@ def build_card(preset: Preset, modalities: tuple[str, ...], *, name: str | None 
     return ModelCard(name=name or f"diffseg-{preset.name}-{'-'.join(modalities)}", preset=preset.name,
                      modalities=tuple(modalities), architecture=arch, preprocessing=preset.preprocessing,
                      diffusion=diffusion, training=dict(training or {}))
+
+# `cpu-small` at 112² (224² / 2, 2 mm pixels): a quarter of the network pixels' area each, so small lesions
+# survive the grid (benchmarks/results/grid_ceiling-cpu.md: a perfect model of the 56² grid leaves about half
+# of the tumour slices with under 100 true voxels empty, of the 112² grid 12-28 %; per-slice Dice ceiling
+# 0.85-0.87 at 56², 0.92-0.93 at 112²), at four times the compute per slice.
+PRESETS["cpu-small-112"] = dataclasses.replace(
+    PRESETS["cpu-small"], name="cpu-small-112", preprocessing=dataclasses.replace(
+        PRESETS["cpu-small"].preprocessing, downsample=2),
+    description="cpu-small at 112² (224² /2): 16 ch, mult 1,2,2,4, 1 res block, attention at 8; 0.79 M parameters")
+
