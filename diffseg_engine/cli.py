@@ -649,6 +649,29 @@ def demo(
         typer.echo(f"  {k:<10} {p}")
 
 
+@app.command()
+@_handle_errors
+def report(
+    out: Path = typer.Argument(..., help="An output folder of `segment` (one case or a cohort)."),
+) -> None:
+    """Write OUT/report.html: the review page of the cases in an output folder, most uncertain first.
+
+    One self-contained page (thumbnails in OUT/report_files/): every case's status, lesion volume, mean
+    variance in the lesion, members drawn, input-check warnings and failures; sortable and filterable; a click
+    opens the full overview and lists the case's files. Cohort runs write it themselves; missing, partial or
+    foreign files are named on the page.
+
+    Example: `diffseg-engine report cohort-out/` (then open cohort-out/report.html in a browser)
+    """
+    from .review import write_review
+    page = write_review(out)
+    total = sum(page.counts.values())
+    typer.echo(f"wrote {page.path}: {total} case{'s' if total != 1 else ''} ("
+               + ", ".join(f"{v} {k}" for k, v in page.counts.items()) + ")"
+               + (f"; {len(page.problems)} problem{'s' if len(page.problems) != 1 else ''} named on the page"
+                  if page.problems else ""))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     app(args=argv, prog_name="diffseg-engine")
 

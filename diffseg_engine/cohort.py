@@ -5,9 +5,11 @@ flat folder of files, or a text file listing cases), splitting it deterministica
 (`select_part`), running one case (`segment_entry`: skip a finished same run (`segment.finished_run`), else
 `segment.segment_case` with its lock, resume and atomic outputs; `run_case`: the same with its status recorded,
 a failure recorded, not raised), the single-process loop (`run_cohort`), and the cohort summary
-(`write_summary`: CSV and Markdown, one row per case, ranked by uncertainty). The Ray runner (`cohort_ray`)
+(`write_summary`: CSV and Markdown, one row per case, ranked by uncertainty, and the review page
+`review.write_review`). The Ray runner (`cohort_ray`)
 reuses `run_case` and `write_summary`; `evaluate` segments its labelled cases with `segment_entry`.
-Imports: numpy, the standard library, `cases`, `errors`, `atomic`, `outputs`, `segment` (and what it imports).
+Imports: numpy, the standard library, `cases`, `errors`, `atomic`, `outputs`, `review`, `segment` (and what it
+imports).
 Never torch, never the CLI; `evaluate` is beside it, not below.
 """
 from __future__ import annotations
@@ -16,7 +18,6 @@ import logging
 import csv
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from .errors import (DatasetError, DiffsegError, MissingModalityError, OutputBus
 from .lesions import DEFAULT_MIN_COMPONENT
 from .outputs import output_paths
 from .progress import ProgressBar
+from .review import review_order, write_review
 from .sampler import SamplingPlan
 
 #: File names of the cohort summary, in the output folder.
@@ -405,15 +407,7 @@ def summary_rows(cohort: Sequence[CohortEntry], out_dir: str | Path,
             row["members"] = s.get("work_items")  # members drawn in all (--n auto: fewer than slices x n_max)
         rows.append(row)
 
-    def key(r: dict) -> tuple:
-        mv = r.get("mean_variance_in_lesion")
-        return (-(mv if isinstance(mv, (int, float)) and not math.isnan(mv) else -1.0),
-                -(r.get("uncertain_ml") or 0.0), r["case_id"])
-    ranked = sorted((r for r in rows if r.get("lesion_voxels") is not None), key=key)
-    for i, r in enumerate(ranked, 1):
-        r["uncertainty_rank"] = i
-    unranked = sorted((r for r in rows if r.get("lesion_voxels") is None), key=lambda r: r["case_id"])
-    return ranked + unranked
+    return review_order(rows)
 
 
 def _cell(v: Any, nd: int = 4) -> str:
@@ -470,6 +464,10 @@ def write_summary(cohort: Sequence[CohortEntry], out_dir: str | Path, statuses: 
         f.write(buf.getvalue().encode())
     with atomic_write(paths["md"]) as f:
         f.write(_markdown(rows, settings, counts).encode())
+    d = settings.describe() if settings is not None else None
+    paths["html"] = write_review(out_dir, settings=None if d is None else {
+        "sampler": f"{d['sampler']} {d['steps']} steps, eta {d['eta']}", "ensemble": describe_size(settings.n),
+        "seed": d["seed"]}).path
     return paths
 
 

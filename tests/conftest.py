@@ -62,3 +62,34 @@ def flair(shared_data, tmp_path_factory) -> Path:
     nib.save(img, str(path))
     return path
 
+
+
+def _chromium_paths() -> tuple[str, str] | None:
+    """(browser, driver) of the Debian packages chromium and chromium-driver, or None."""
+    import shutil
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Chromium driven by Selenium (the pages are tested as a user's browser renders them), with the
+    browser console log readable through `driver.get_log("browser")`. `make test` installs the Debian packages
+    chromium and chromium-driver where it can; without them these tests are skipped, saying so."""
+    paths = _chromium_paths()
+    if paths is None:
+        pytest.skip("headless Chromium not found: apt-get install chromium chromium-driver (make test does)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    opts = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000", "--allow-file-access-from-files"):
+        opts.add_argument(arg)
+    opts.binary_location = paths[0]
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(paths[1]), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
