@@ -22,7 +22,7 @@ from .errors import InputImageError, MissingModalityError, OutputError, UsageErr
 from .evaluation.predictions import FolderScores, find_prediction, labelled_cases, score_folder
 from .evaluation.protocol import (CaseScores, EnsembleCurve, SliceScores, check_sizes, default_ensemble_sizes,
                                   ensemble_curve, score_case, slice_scores)
-from .evaluation.reports import DEFINITIONS, REPORT_NAMES, summarize, write_reports
+from .evaluation.reports import ALWAYS_WRITTEN, DEFINITIONS, REPORT_NAMES, summarize, write_reports
 from .evaluation.uncertainty import (MAX_VARIANCE, UncertaintyScores, check_options as check_uncertainty_options,
                                      filtered_dice_curve, uncertainty_scores)
 from .options import check_sampling_options
@@ -31,7 +31,7 @@ from .progress import ProgressBar
 #: The per-case CSV's columns as shipped (the reports take them from `evaluation.columns.METRICS` when written).
 CSV_COLUMNS = tuple(m.name for m in columns.METRICS)
 
-__all__ = ["CSV_COLUMNS", "DEFINITIONS", "MAX_VARIANCE", "REPORT_NAMES", "CaseScores", "EnsembleCurve",
+__all__ = ["ALWAYS_WRITTEN", "CSV_COLUMNS", "DEFINITIONS", "MAX_VARIANCE", "REPORT_NAMES", "CaseScores", "EnsembleCurve",
            "EvaluationResult", "FolderScores", "SliceScores", "UncertaintyScores", "check_options",
            "default_ensemble_sizes", "ensemble_curve", "evaluate_folder", "filtered_dice_curve", "find_prediction",
            "labelled_cases", "score_case", "score_folder", "slice_scores", "summarize", "uncertainty_scores",

@@ -1,10 +1,11 @@
 """The evaluation package: reports in their recorded format, a per-case metric added in one place, the option
 checks, and imports that only go down.
 
-The golden files in tests/golden/evaluation/ were written by the reports as they stood before
-`evaluate.py` was split into `diffseg_engine.evaluation` (commit a3e3532); the reports written now from the same
-scores must be byte-identical (the JSON: equal once parsed, but for the engine version). To record a deliberate
-format change, run this file as a script: ``.venv/bin/python tests/test_evaluation_reports.py``.
+The golden files in tests/golden/evaluation/ record the reports' format (last deliberate change: the
+error-detection AUROCs and the calibration error per case, and the true lesion size per slice); the reports
+written now from the same scores must be byte-identical (the JSON: equal once parsed, but for the engine
+version). To record a deliberate format change, run this file as a script:
+``.venv/bin/python tests/test_evaluation_reports.py``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def golden_scores() -> E.FolderScores:
     mean = members.mean(axis=-1)
     alpha = E.score_case(np.roll(gt, 2, axis=0), gt, affine, zooms, case_id="alpha", variance=mean * (1 - mean) + noise,
                          brain=brain, members=members, n_levels=5, qubrats_uncertainty=QB.uncertainty_map(mean),
-                         prediction="pred/alpha_mask.nii.gz")
+                         prediction="pred/alpha_mask.nii.gz", mean=mean)
     beta = E.score_case(gt, gt, affine, zooms, case_id="beta", prediction="pred/beta.nii.gz")  # perfect
     # gamma: every other test slice empty, a false positive outside the tumour, variance without a brain mask
     pred = gt.copy()
@@ -96,8 +97,8 @@ def test_a_metric_added_in_one_place_reaches_every_report(tmp_path, monkeypatch)
     # unitless scores before distances (mm) in the summary parts
     assert "| Dice | Jaccard | pred / gt volume | HD95 (mm, medpy) | HD95 (mm, MONAI directed max) |" in md
     assert f"| 0.721 ± 0.256 | {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} | 1.33 ± 1.15 |" in md
-    assert "| slice HD95 | empty / slices | pred / gt |" in md
-    assert "| 0.500 [1.000] | 0.00 | 3 / 6 | 0.507 |" in md and "| – / – | – |" in md
+    assert "| slice HD95 | empty / slices | variance AUROC | ECE | pred / gt |" in md
+    assert "| 0.500 [1.000] | 0.00 | 3 / 6 | 1.000 | – | 0.507 |" in md and "| – / – | – | – | – |" in md
 
 
 def test_option_checks_refuse_before_anything_is_read(tmp_path):
@@ -129,5 +130,6 @@ def test_the_evaluation_package_imports_only_downwards():
 if __name__ == "__main__":  # record the current format as the golden one
     GOLDEN.mkdir(parents=True, exist_ok=True)
     written = _write(GOLDEN)
-    written.pop("ensemble_png").unlink()
+    for key in [k for k, p in written.items() if p.suffix in (".png", ".html")]:
+        written.pop(key).unlink(missing_ok=True)
     print("\n".join(str(p) for p in written.values()), file=sys.stderr)

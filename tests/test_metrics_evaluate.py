@@ -335,7 +335,9 @@ def test_score_folder_end_to_end(tmp_path, shared_data):
     assert scores.unmatched_predictions == ["stray_case"]
 
     paths = E.write_reports(scores, tmp_path / "report", policy="brats", meta={"note": "test"})
-    assert set(paths) == set(E.REPORT_NAMES)
+    assert set(E.ALWAYS_WRITTEN) <= set(paths) <= set(E.REPORT_NAMES)
+    assert all(p.name == E.REPORT_NAMES[k] for k, p in paths.items())
+    assert {"ensemble_png", "evaluation_dice_per_case", "evaluation_error_detection"} <= set(paths)
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
     assert not list((tmp_path / "report").glob(".*tmp"))  # atomic writes leave no temp files
     rows = list(csv.DictReader(paths["cases_csv"].open()))

@@ -74,6 +74,10 @@ def _uncertainty(key: str) -> Callable[[Any], Any]:
     return lambda c: None if c.uncertainty is None else c.uncertainty.row()[key]
 
 
+def _calibration(key: str) -> Callable[[Any], Any]:
+    return lambda c: None if c.calibration is None else c.calibration.row()[key]
+
+
 def _qubrats(attr: str) -> Callable[[Any], Any]:
     return lambda c: None if c.qubrats is None else getattr(c.qubrats, attr)
 
@@ -107,6 +111,9 @@ METRICS: tuple[Metric, ...] = (
     *(Metric(k, _uncertainty(k), group=_UNC) for k in (
         "unc_top_percent", "unc_top_fraction", "unc_error_fraction_in_top", "unc_enrichment", "unc_variance_threshold",
         "unc_high_variance_error_dice", "unc_n_error", "var_filtered_dice_auc")),
+    Metric("variance_auroc", _calibration("variance_auroc"), group=_UNC, column="variance AUROC"),
+    Metric("entropy_auroc", _calibration("entropy_auroc"), group=_UNC),
+    Metric("ece", _calibration("ece"), group=_UNC, column="ECE"),
     *(Metric(f"qu_brats_{attr}", _qubrats(attr), group="qu_brats") for attr in ("dice_auc", "ftp_auc", "ftn_auc",
                                                                                  "score")),
     Metric("prediction", _case("prediction")),

@@ -138,14 +138,18 @@ def _score_one(case: Case, files: dict[str, Path], *, policy: M.EmptyPolicy, ens
             raise InputImageError(f"variance has shape {v.data.shape}, expected {gt.shape}", path=files["variance"],
                                   fix="use the variance map written with this case's mask")
         variance = v.data
-    u100 = None
-    if uncertainty and ("unc_whole" in files or "mean" in files):
-        key = "unc_whole" if "unc_whole" in files else "mean"
-        m = load_image(files[key])
-        if m.data.shape != gt.shape:
-            raise InputImageError(f"has shape {m.data.shape}, expected {gt.shape}", path=files[key],
-                                  fix="use the maps written with this case's mask")
-        u100 = m.data if key == "unc_whole" else QB.uncertainty_map(m.data)
+    u100 = mean = None
+    for key in ("mean", "unc_whole"):
+        if uncertainty and key in files:
+            m = load_image(files[key])
+            if m.data.shape != gt.shape:
+                raise InputImageError(f"has shape {m.data.shape}, expected {gt.shape}", path=files[key],
+                                      fix="use the maps written with this case's mask")
+            if key == "mean":
+                mean = m.data
+                u100 = QB.uncertainty_map(mean)
+            else:
+                u100 = m.data  # the submission's own map takes precedence over the one from the mean
     if variance is not None or u100 is not None:
         brain = _brain_mask(case, gt.shape)
     if curves and "samples" in files:
@@ -153,7 +157,7 @@ def _score_one(case: Case, files: dict[str, Path], *, policy: M.EmptyPolicy, ens
     return score_case(pred > 0.5, gt > 0, gt_img.affine, zooms, policy=policy, case_id=case.case_id,
                       variance=variance, brain=brain, members=members, ensemble_sizes=ensemble_sizes,
                       top_percent=top_percent, variance_threshold=variance_threshold, n_levels=n_levels,
-                      prediction=str(files["mask"]), qubrats_uncertainty=u100)
+                      prediction=str(files["mask"]), qubrats_uncertainty=u100, mean=mean)
 
 
 class FolderScores(list):

@@ -50,6 +50,7 @@ from ..errors import UsageError
 from ..preprocess import slice_axis
 from ..qubrats import QuBratsScore
 from . import columns
+from .calibration import CalibrationScores, calibration_scores
 from .uncertainty import UncertaintyScores, uncertainty_scores
 
 
@@ -106,6 +107,7 @@ class SliceScores:
     jaccard: np.ndarray
     hd95: np.ndarray
     pred_empty: np.ndarray
+    gt_voxels: np.ndarray | None = None  # int [T]: true lesion voxels in each test slice
 
     @property
     def n(self) -> int:
@@ -153,7 +155,8 @@ def slice_scores(pred: np.ndarray, gt: np.ndarray, axis: int, zooms: Sequence[fl
     if with_hd95:
         for t, s in enumerate(idx):
             h[t] = M.hd95(p[s], g[s], sp, policy=policy)
-    return SliceScores(axis=axis, index=idx + offset, dice=d, jaccard=j, hd95=h, pred_empty=empty)
+    return SliceScores(axis=axis, index=idx + offset, dice=d, jaccard=j, hd95=h, pred_empty=empty,
+                       gt_voxels=gs[idx].astype(np.int64))
 
 
 # ---- per volume ---------------------------------------------------------------------------------------
@@ -281,6 +284,7 @@ class CaseScores:
     uncertainty: UncertaintyScores | None = None
     qubrats: QuBratsScore | None = None
     curve: EnsembleCurve | None = None
+    calibration: CalibrationScores | None = None
 
     @property
     def ok(self) -> bool:
@@ -298,6 +302,8 @@ class CaseScores:
             d["uncertainty"] = self.uncertainty.to_dict()
         if self.qubrats is not None:
             d["qu_brats"] = self.qubrats.to_dict()
+        if self.calibration is not None:
+            d["calibration"] = self.calibration.to_dict()
         return d
 
 
@@ -306,10 +312,11 @@ def score_case(pred_mask_3d: np.ndarray, gt_3d: np.ndarray, affine: np.ndarray, 
                brain: np.ndarray | None = None, members: np.ndarray | None = None,
                ensemble_sizes: Sequence[int] | None = None, top_percent: float = 5.0,
                variance_threshold: float = 0.05, n_levels: int = 100, prediction: str = "",
-               qubrats_uncertainty: np.ndarray | None = None) -> CaseScores:
+               qubrats_uncertainty: np.ndarray | None = None, mean: np.ndarray | None = None) -> CaseScores:
     """Score one case: 3D Dice/Jaccard/HD95 (mm), the per-slice protocol, and optionally the uncertainty
-    scores (`variance` given; `brain` = where errors count, default the whole grid) and the ensemble-size
-    curve (`members` [X, Y, Z, N] given).
+    scores (`variance` given; `brain` = where errors count, default the whole grid), the ensemble-size
+    curve (`members` [X, Y, Z, N] given), and the error detection and calibration of the variance and of the
+    ensemble `mean` (`calibration.calibration_scores`, either given).
 
     pred_mask_3d, gt_3d: [X, Y, Z] (or [X, Y]); non-zero = tumour. affine: 4x4 voxel -> world (picks the
     axial axis); zooms: voxel size per axis in mm (a missing third entry counts as 1).
@@ -339,6 +346,11 @@ def score_case(pred_mask_3d: np.ndarray, gt_3d: np.ndarray, affine: np.ndarray, 
         if u100.shape != g.shape:
             raise ValueError(f"uncertainty shape {u100.shape} differs from ground-truth shape {g.shape}")
         cs.qubrats = QB.score(p, g, u100, None if brain is None else _as3d(brain))
+    if variance is not None or mean is not None:
+        cs.calibration = calibration_scores(
+            p, g, axis, brain=None if brain is None else _as3d(brain),
+            variance=None if variance is None else _as3d(np.asarray(variance, np.float32)),
+            mean=None if mean is None else _as3d(np.asarray(mean, np.float32)))
     if members is not None:
         cs.curve = ensemble_curve(members, g, affine, z, sizes=_clip_sizes(ensemble_sizes, members.shape[-1]),
                                   policy=policy)

@@ -2,8 +2,8 @@
 
 Owns: `summarize` (the summary dict: pooled slice scores, the means of the per-case metrics, uncertainty and
 ensemble-size curves, every case's row), `write_reports` and what it writes (`REPORT_NAMES`: per-case CSV,
-per-slice CSV, JSON and Markdown summaries, the Dice-vs-ensemble-size PNG), and `DEFINITIONS`, the text that
-says what each number is. The per-case columns, their means and their Markdown cells come from
+per-slice CSV, JSON and Markdown summaries, the Dice-vs-ensemble-size PNG; then the page of figures,
+`page.write_page`), and `DEFINITIONS`, the text that says what each number is. The per-case columns, their means and their Markdown cells come from
 `columns.METRICS`; nothing here names a per-case metric.
 Imports: numpy, matplotlib (lazily, Agg canvas, no pyplot), `metrics`, `atomic`, `errors`, and this package's
 `columns` and `protocol`.
@@ -27,7 +27,14 @@ from .protocol import CaseScores, SliceScores
 
 REPORT_NAMES = {"cases_csv": "evaluation_cases.csv", "slices_csv": "evaluation_slices.csv",
                 "summary_md": "evaluation_summary.md", "summary_json": "evaluation_summary.json",
-                "ensemble_png": "evaluation_ensemble_size.png"}
+                "ensemble_png": "evaluation_ensemble_size.png",
+                # the page and its figures (`page.write_page`; a figure only where a case has what it draws)
+                "page": "evaluation_report.html", "evaluation_dice_per_case": "evaluation_dice_per_case.png",
+                "evaluation_reliability": "evaluation_reliability.png",
+                "evaluation_error_detection": "evaluation_error_detection.png",
+                "evaluation_dice_vs_lesion_size": "evaluation_dice_vs_lesion_size.png"}
+#: What every report writes; the rest of `REPORT_NAMES` where there is something to draw.
+ALWAYS_WRITTEN = ("cases_csv", "slices_csv", "summary_md", "summary_json", "page")
 
 DEFINITIONS = {
     "ground_truth": "whole tumour: label > 0",
@@ -43,6 +50,9 @@ DEFINITIONS = {
     "high_variance_error_dice": "Dice(brain & variance > threshold, errors)",
     "filtered_dice": "variance-filtered Dice (not the QU-BraTS score): Dice on voxels with u <= tau, tau in "
                      "linspace(0,1,n_levels); both empty -> 1; AUC = trapezoid over tau in [0,1]",
+    "error_detection": "errors = (mask != truth) among the brain voxels of slices whose ground truth holds tumour; "
+                       "AUROC of each uncertainty map for telling them from correct voxels (0.5 = chance); "
+                       "ECE: 10 equal bins of the ensemble mean there, sum of |tumour share - mean| x bin share",
     "qu_brats": "QU-BraTS whole tumour, as the organisers' scorer (github.com/RagMeh11/QU-BraTS): uncertainty = "
                 "100 x entropy of the mean, thresholds 0,25,50,75,100, voxels with u > th filtered; Dice on the "
                 "grid, FTP/FTN inside the brain; score = (AUC_Dice + 1-AUC_FTP + 1-AUC_FTN)/3",
@@ -182,6 +192,9 @@ def _markdown(summary: dict) -> str:
                   f"- Dice(variance > {_f(u['unc_variance_threshold'], 3)}, errors): "
                   f"{_f(u['unc_high_variance_error_dice'])}.",
                   f"- Variance-filtered Dice AUC: {_f(u['var_filtered_dice_auc'])}.",
+                  f"- Error detection ({DEFINITIONS['error_detection']}): AUROC of the variance "
+                  f"{_f(u.get('variance_auroc'))}, of the entropy of the mean {_f(u.get('entropy_auroc'))}; "
+                  f"expected calibration error of the mean {_f(u.get('ece'), 4)}.",
                   f"- QU-BraTS, whole tumour ({u['qu_brats_n_cases']} case(s)): Dice AUC "
                   f"{_f(u['qu_brats_dice_auc'])}, FTP AUC {_f(u['qu_brats_ftp_auc'])}, FTN AUC "
                   f"{_f(u['qu_brats_ftn_auc'], 4)}; score {_f(u['qu_brats_score'])}.",
@@ -261,13 +274,14 @@ def write_reports(scores: Sequence[CaseScores], out_dir: str | Path, *, policy: 
     paths["cases_csv"] = _write_bytes(out_dir / REPORT_NAMES["cases_csv"], buf.getvalue().encode())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(("case_id", "axis", "slice", "dice", "jaccard", "hd95_mm", "pred_empty"))
+    w.writerow(("case_id", "axis", "slice", "dice", "jaccard", "hd95_mm", "pred_empty", "gt_voxels"))
     for c in scores:
         if c.ok and c.slices is not None:
             s = c.slices
             for t in range(s.n):
                 w.writerow((c.case_id, s.axis, int(s.index[t]), _csv_value(s.dice[t]), _csv_value(s.jaccard[t]),
-                            _csv_value(s.hd95[t]), int(bool(s.pred_empty[t]))))
+                            _csv_value(s.hd95[t]), int(bool(s.pred_empty[t])),
+                            "" if s.gt_voxels is None else int(s.gt_voxels[t])))
     paths["slices_csv"] = _write_bytes(out_dir / REPORT_NAMES["slices_csv"], buf.getvalue().encode())
     clean = _json_clean(summary)
     paths["summary_json"] = _write_bytes(out_dir / REPORT_NAMES["summary_json"],
@@ -276,4 +290,15 @@ def write_reports(scores: Sequence[CaseScores], out_dir: str | Path, *, policy: 
     png = _plot_curves(scores, out_dir / REPORT_NAMES["ensemble_png"])
     if png is not None:
         paths["ensemble_png"] = png
+    try:
+        from .page import write_page
+    except ImportError:  # pragma: no cover - jinja2 and matplotlib are runtime dependencies
+        return paths
+    extra = [{"title": "Dice against ensemble size (paper Figure 4)", "file": png.name}] if png is not None else []
+    page, figures = write_page(scores, clean, out_dir, files=[p.name for p in paths.values() if p != png],
+                               extra_figures=extra)
+    for f in figures:
+        if Path(f["file"]).stem in REPORT_NAMES:  # the page's own figures (the ensemble-size one is above)
+            paths[Path(f["file"]).stem] = out_dir / f["file"]
+    paths["page"] = page
     return paths
