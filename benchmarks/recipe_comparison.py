@@ -90,7 +90,8 @@ def score(mean: np.ndarray, gt: np.ndarray, unc: dict[str, np.ndarray], affine, 
     out = {"dice_3d": M.dice(mask, gt), "hd95_3d_mm": M.hd95(mask, gt, sp),
            "dice_3d_raw": M.dice(raw, gt), "hd95_3d_raw_mm": M.hd95(raw, gt, sp),
            "pred_ml": float(mask.sum() * np.prod(sp) / 1000), "gt_ml": float(gt.sum() * np.prod(sp) / 1000),
-           "slice_dice": sl.dice.tolist(), "slice_hd95": sl.hd95.tolist(), "slice_empty": sl.pred_empty.tolist()}
+           "slice_dice": sl.dice.tolist(), "slice_hd95": sl.hd95.tolist(), "slice_empty": sl.pred_empty.tolist(),
+           "slice_gt_voxels": np.moveaxis(gt, axis, 0).sum(axis=(1, 2))[sl.index].tolist()}
     tumour_slices = np.moveaxis(gt, axis, 0).any(axis=(1, 2))
     region = np.moveaxis(np.moveaxis(brain, axis, 0) & tumour_slices[:, None, None], 0, axis)
     wrong = (mask != gt)[region]
@@ -101,17 +102,21 @@ def score(mean: np.ndarray, gt: np.ndarray, unc: dict[str, np.ndarray], affine, 
     return out
 
 
+def plan_from_spec(card, sampler_spec: str | None):
+    """`sampler:steps[:eta[:mirror|plain]]` (missing parts: the card's) -> the engine's sampling plan."""
+    if not sampler_spec:
+        return chosen_plan(card)
+    parts = sampler_spec.split(":")
+    return chosen_plan(card, parts[0], int(parts[1]) if len(parts) > 1 else None,
+                       float(parts[2]) if len(parts) > 2 else None,
+                       {"mirror": True, "plain": False}[parts[3]] if len(parts) > 3 else None)
+
+
 def run_diffusion(path: str, sampler_spec: str | None, cases, n: int, sizes: list[int], seed: int,
                   min_component: float) -> dict:
     eng = open_model(Path(path), "onnxruntime", "cpu")
     card = eng.card
-    if sampler_spec:
-        parts = sampler_spec.split(":")
-        plan = chosen_plan(card, parts[0], int(parts[1]) if len(parts) > 1 else None,
-                           float(parts[2]) if len(parts) > 2 else None,
-                           {"mirror": True, "plain": False}[parts[3]] if len(parts) > 3 else None)
-    else:
-        plan = chosen_plan(card)
+    plan = plan_from_spec(card, sampler_spec)
     res = {"model": path, "card_name": card.name, "training": card.training, "plan": plan.describe(),
            "n": n, "seed": seed, "cases": {}, "sampling_s": 0.0}
     for case in cases:
