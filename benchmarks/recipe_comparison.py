@@ -40,6 +40,7 @@ from _host import cpu_info  # noqa: E402
 
 from diffseg_engine import metrics as M  # noqa: E402
 from diffseg_engine.cases import discover_cases  # noqa: E402
+from diffseg_engine.evaluation.calibration import auroc, binary_entropy  # noqa: E402
 from diffseg_engine.evaluation.protocol import slice_scores  # noqa: E402
 from diffseg_engine.lesions import DEFAULT_MIN_COMPONENT, lesion_mask  # noqa: E402
 from diffseg_engine.nifti_io import load_image  # noqa: E402
@@ -47,29 +48,6 @@ from diffseg_engine.noise import NoiseStreams  # noqa: E402
 from diffseg_engine.preprocess import prepare_case, restore, slice_axis  # noqa: E402
 from diffseg_engine.sampler import chosen_plan, sample_ensemble  # noqa: E402
 from diffseg_engine.segment import open_model  # noqa: E402
-
-
-def auroc(score: np.ndarray, label: np.ndarray) -> float:
-    """Area under the ROC curve of `score` for the boolean `label` (Mann-Whitney U with average ranks for ties)."""
-    score, label = np.asarray(score, np.float64).ravel(), np.asarray(label, bool).ravel()
-    n_pos, n_neg = int(label.sum()), int((~label).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = np.argsort(score, kind="mergesort")
-    s = score[order]
-    ranks = np.empty(len(s), np.float64)
-    # average ranks over runs of ties
-    edges = np.flatnonzero(np.diff(s)) + 1
-    starts = np.concatenate([[0], edges])
-    ends = np.concatenate([edges, [len(s)]])
-    avg = (starts + ends + 1) / 2.0  # 1-based average rank of each run
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def binary_entropy(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
-    return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
 
 
 def load_case(case, modalities):
