@@ -244,6 +244,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--min-component", type=float, default=DEFAULT_MIN_COMPONENT)
     ap.add_argument("--out", required=True, help="output path without extension")
+    ap.add_argument("--validation-record", help="also write this JSON: the validation record shipped beside a "
+                                                "model (the first --model's rows, the weights' sha256, the protocol, "
+                                                "the command)")
     a = ap.parse_args(argv)
     by_id = {c.case_id: c for c in discover_cases(a.data)}
     want = a.cases.split(",")
@@ -264,6 +267,36 @@ def main(argv=None) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
     out.with_suffix(".md").write_text(markdown(results, meta, sizes))
     print(markdown(results, meta, sizes))
+    if a.validation_record:
+        write_record(Path(a.validation_record), a.model[0].split("=", 1)[1].partition("@")[0], results, meta)
+
+
+def write_record(path: Path, model: str, results: list[dict], meta: dict) -> None:
+    """The shipped model's validation record: every row measured on `model`, with its weights' sha256 (the
+    card's, which the file's tensors are checked against when loaded), so the record says which weights it
+    describes."""
+    from diffseg_engine.backends.base import read_card
+    card = read_card(Path(model))
+    rows = [r for r in results if r["model"] == model]
+    record = {"weights_sha256": card.weights_sha256, "model_name": card.name,
+              "protocol": "whole validation volumes through the engine (onnxruntime, CPU): per-slice scores of the "
+                          "paper's protocol (slices whose ground truth holds tumour, pooled; empty masks count 0), "
+                          "3D Dice and HD95 (medpy definition, mm) per patient, voxel AUROC of the ensemble variance "
+                          "and of the entropy for wrong voxels among the brain voxels of tumour slices, empty masks "
+                          "by true lesion size; masks as segment writes them; plain: members without mirroring, "
+                          "mirrored: odd members mirrored (the variance split)",
+              "validation_cases": meta["cases"], "measured_on": meta["machine"], "command": meta["command"],
+              "seed": meta["seed"], "n": meta["n"],
+              "results": [{"name": r["name"], "model": r["model"], "plan": r["plan"], "summary": r["summary"],
+                           "variance_split": {cid: c["mirrored"]["split"] for cid, c in r["cases"].items()},
+                           "per_patient": {cid: {view: {k: {m: v[m] for m in ("dice_3d", "hd95_3d_mm", "pred_ml",
+                                                                              "gt_ml")}
+                                                         | {"slice_dice": float(np.mean(v["slice_dice"]))}
+                                                         for k, v in c[view]["by_k"].items()}
+                                                  for view in ("plain", "mirrored")}
+                                           for cid, c in r["cases"].items()}}
+                          for r in rows]}
+    path.write_text(json.dumps(record, indent=1, default=float))
 
 
 if __name__ == "__main__":

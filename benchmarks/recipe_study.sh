@@ -15,15 +15,17 @@ DATA=${DATA:-../shared/data/train}
 common=(--data "$DATA" --val-cases "$VAL" --preset "$preset" --threads 1 --steps "$steps" --precision auto
         --compile --empty-share 0.4 --checkpoint-every 2000 --quiet)
 
-run() {  # NAME FLAGS...: train (unless done) and export to ONNX
+run() {  # NAME FLAGS...: train (unless done) and export a diffusion model to ONNX
   local name=$1; shift
-  if [ ! -f "$runs/$name/model.onnx" ]; then
+  local done="$runs/$name/model.onnx"
+  case " $* " in *" segmentation "*) done="$runs/$name/model.safetensors" ;; esac
+  if [ ! -f "$done" ] || ! grep -q '"event": "checkpoint", "step": '"$steps" "$runs/$name/train_log.jsonl"; then
     if [ -f "$runs/$name/state.safetensors" ]; then
       diffseg-engine train --out "$runs/$name" "${common[@]}" "$@" --resume
     else
       diffseg-engine train --out "$runs/$name" "${common[@]}" "$@"
     fi
-    diffseg-engine export "$runs/$name" >/dev/null
+    case "$done" in *.onnx) diffseg-engine export "$runs/$name" >/dev/null ;; esac
   fi
 }
 

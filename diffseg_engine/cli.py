@@ -238,10 +238,10 @@ def train(
     data: Path = typer.Option(..., "--data", help="Folder of labelled cases, at any depth: one folder per patient "
                                                   "holding CASE_flair.nii.gz ... and CASE_seg.nii.gz (BraTS naming)."),
     out: Path = typer.Option(..., "--out", help="Run folder: model.safetensors, state, config, train_log.jsonl."),
-    preset: Preset = typer.Option(Preset.cpu_small, help="Model size: cpu-small (the default model's: 16 channels "
-                                                         "at 56², trained 80 minutes on 2 CPU cores), cpu-fast (32 "
-                                                         "channels at 56²), cpu (32 channels at 112²), paper (the "
-                                                         "paper's U-Net, 224²), tiny (for tests)."),
+    preset: Preset = typer.Option(Preset.cpu_small_112, help="Model size: cpu-small-112 (the default model's: 16 "
+                                                             "channels at 112²), cpu-small (the same at 56²), "
+                                                             "cpu-fast (32 channels at 56²), cpu (32 channels at "
+                                                             "112²), paper (the paper's U-Net, 224²), tiny (tests)."),
     modalities: Optional[str] = typer.Option(None, help="Comma-separated channel order, e.g. flair or t1,t1ce,t2,flair "
                                                         "(default: the preset's)."),
     steps: int = typer.Option(0, help="Total optimiser steps (0: the preset's, 10 000; paper: 60 000 as the paper; "
@@ -266,19 +266,21 @@ def train(
     max_minutes: float = typer.Option(0.0, help="Stop after this many minutes of training, with a checkpoint "
                                                 "(continue later with --resume); 0: no limit."),
     prediction: Prediction = typer.Option(Prediction.x0, help="What the network predicts: x0 (the mask's logit; loss "
-                                          "MSE + BCE + Dice; few-step sampling; the default model's) or eps (the noise, "
+                                          "MSE + BCE (+ --dice-weight x Dice); the default model's) or eps (the noise, "
                                           "with learned variance: the paper's recipe, which needs far longer training)."),
-    recycling: Optional[bool] = typer.Option(None, "--recycling/--no-recycling", show_default=False,
-                                             help="x0 only: noise the model's own guess from pure noise instead of the "
-                                                  "true mask (Fu et al. 2023). Default: on for x0, off for eps."),
+    recycling: bool = typer.Option(False, "--recycling/--no-recycling",
+                                   help="x0 only: noise the model's own guess from pure noise instead of the true mask "
+                                        "(Fu et al. 2023). Off by default: a recycled model ignores x_t, so its "
+                                        "ensemble members barely differ."),
     mask_scale: float = typer.Option(0.0, help="Masks at ±b in x_0 (0: the preset's values, ±1 or 0/1)."),
     empty_share: float = typer.Option(0.4, help="Share of tumour-free slices per batch (negative: the preset's "
                                                 "tumour weighting, 3x for tumour slices)."),
-    targets: Targets = typer.Option(Targets.binary, help="binary (network pixels with at least half tumour) or soft "
-                                    "(each network pixel's tumour area fraction)."),
+    targets: Targets = typer.Option(Targets.soft, help="soft (each network pixel's tumour area fraction; the default "
+                                    "model's) or binary (network pixels with at least half tumour, as the paper)."),
     recycle_share: float = typer.Option(1.0, help="With --recycling: the share of each batch that is recycled (the "
                                                   "rest sees the true mask)."),
-    dice_weight: float = typer.Option(1.0, help="x0: weight of the soft-Dice loss term (0: MSE + BCE only)."),
+    dice_weight: float = typer.Option(0.0, help="x0: weight of a soft-Dice loss term (default 0: MSE + BCE, whose "
+                                                "optimum is the mask's posterior mean)."),
     channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last",
                                        help="NHWC activations (speed only; benchmarks/train_speed.py)."),
     compile_: bool = typer.Option(False, "--compile/--no-compile",
@@ -290,8 +292,9 @@ def train(
 ) -> None:
     """Train a conditional diffusion model that generates tumour masks (EMA, periodic checkpoints, resumable).
 
-    The defaults are the shipped model's recipe (cpu-small preset, x0 prediction, recycling, 40 % tumour-free
-    slices); the paper's is `--preset paper --prediction eps --empty-share -1`.
+    The defaults are the shipped model's recipe (cpu-small-112 preset, x0 prediction without recycling, MSE +
+    BCE on soft targets, 40 % tumour-free slices, left-right flips; benchmarks/train_default.sh); the paper's
+    is `--preset paper --prediction eps --targets binary --empty-share -1` (no flips, 60 000 steps).
 
     Needs PyTorch: `pip install 'diffseg-engine[train]'`.
 
@@ -308,7 +311,7 @@ def train(
         val_count=val_count, seed=seed, precision=_value(precision), flip=flip, max_slices_per_case=max_slices_per_case,
         threads=threads or usable_cpus(), device=device, max_minutes=max_minutes, objective=_value(objective),
         prediction=_value(prediction),
-        recycling=(_value(prediction) == "x0") if recycling is None else recycling, mask_scale=mask_scale,
+        recycling=recycling, mask_scale=mask_scale,
         empty_share=empty_share, targets=_value(targets), recycle_share=recycle_share, dice_weight=dice_weight,
         channels_last=channels_last, compile=compile_)
     path = run_training(cfg, resume=resume, quiet=_quiet(quiet))
