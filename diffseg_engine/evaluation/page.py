@@ -39,13 +39,13 @@ def write_figures(scores: Sequence[Any], out_dir: Path) -> list[dict]:
     return out
 
 
-def write_page(scores: Sequence[Any], summary: dict, out_dir: str | Path, *, files: Sequence[str] = (),
-               extra_figures: Sequence[dict] = ()) -> tuple[Path, list[dict]]:
-    """Write the figures and the page into `out_dir`; returns (page path, the figures written)."""
+def write_page(scores: Sequence[Any], summary: dict, out_dir: str | Path, *, definitions: dict[str, str],
+               files: Sequence[str] = (), extra_figures: Sequence[dict] = ()) -> tuple[Path, list[dict]]:
+    """Write the figures and the page into `out_dir` (`definitions`: what each number is, `reports.DEFINITIONS`);
+    returns (page path, the figures written)."""
     import jinja2
 
     from .. import __version__
-    from .reports import DEFINITIONS
     out_dir = Path(out_dir)
     figures = write_figures(scores, out_dir) + list(extra_figures)
     env = jinja2.Environment(autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
@@ -57,7 +57,7 @@ def write_page(scores: Sequence[Any], summary: dict, out_dir: str | Path, *, fil
         title="Segmentation evaluation", generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         version=__version__, meta=meta, cases=summary["cases"], slices=summary["slices_pooled"],
         volume=summary["volume_3d"], uncertainty=summary["uncertainty"], per_case=summary["per_case"],
-        figures=figures, files=[*files, *(f["file"] for f in figures)], definitions=DEFINITIONS, fmt=_fmt)
+        figures=figures, files=[*files, *(f["file"] for f in figures)], definitions=definitions, fmt=_fmt)
     path = out_dir / PAGE_NAME
     with atomic_write(path) as f:
         f.write(html.encode())

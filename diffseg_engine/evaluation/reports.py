@@ -295,8 +295,8 @@ def write_reports(scores: Sequence[CaseScores], out_dir: str | Path, *, policy: 
     except ImportError:  # pragma: no cover - jinja2 and matplotlib are runtime dependencies
         return paths
     extra = [{"title": "Dice against ensemble size (paper Figure 4)", "file": png.name}] if png is not None else []
-    page, figures = write_page(scores, clean, out_dir, files=[p.name for p in paths.values() if p != png],
-                               extra_figures=extra)
+    page, figures = write_page(scores, clean, out_dir, definitions=DEFINITIONS,
+                               files=[p.name for p in paths.values() if p != png], extra_figures=extra)
     for f in figures:
         if Path(f["file"]).stem in REPORT_NAMES:  # the page's own figures (the ensemble-size one is above)
             paths[Path(f["file"]).stem] = out_dir / f["file"]
