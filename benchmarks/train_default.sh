@@ -5,9 +5,9 @@
 #   benchmarks/train_default.sh RUNS_DIR [STEPS]
 #
 # RUNS_DIR/default: the diffusion model (the recipe the recipe study favoured: x0 prediction without
-# recycling, MSE + BCE on soft area-fraction targets at 112², 40 % tumour-free slices, left-right flips),
-# STEPS optimiser steps of batch 16 (default 12000: about 2.8 hours on one core of this project's AMD EPYC
-# with bf16 autocast and torch.compile, benchmarks/results/train_speed-cpu.md). Running the command again
+# recycling, MSE + BCE on soft area-fraction targets, 40 % tumour-free slices, left-right flips) on the
+# PRESET grid (default cpu-small, 56²; PRESET=cpu-small-112 for 112² at four times the compute per step),
+# STEPS optimiser steps of batch 16 (benchmarks/results/train_speed-cpu.md for the rate). Running the command again
 # resumes an interrupted run (bit-exact). RUNS_DIR/baseline: the same U-Net, data, split, targets, flips and
 # empty share with `--objective segmentation`, trained beside it for the wall-clock minutes the diffusion run
 # took (its train_log.jsonl), so both had the same CPU budget.
@@ -16,7 +16,7 @@ set -euo pipefail
 runs=$1; steps=${2:-12000}
 VAL=BRATS2013_pat0002,BraTS18_CBICA_ASK,BraTS18_TCIA10_639,BraTS18_2013_23,BraTS18_CBICA_AQQ,BraTS18_TCIA01_425,BraTS18_CBICA_ATB,BraTS18_TCIA02_606
 DATA=${DATA:-../shared/data/train}
-common=(--data "$DATA" --val-cases "$VAL" --preset cpu-small-112 --threads 1 --precision auto --compile
+common=(--data "$DATA" --val-cases "$VAL" --preset "${PRESET:-cpu-small}" --threads 1 --precision auto --compile
         --empty-share 0.4 --targets soft --checkpoint-every 1000 --quiet)
 resume() { [ -f "$1/state.safetensors" ] && echo --resume || true; }
 
