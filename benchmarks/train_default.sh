@@ -11,7 +11,8 @@
 # resumes an interrupted run (bit-exact). RUNS_DIR/baseline: the same U-Net, data, split, targets, flips and
 # empty share with `--objective segmentation`, trained beside it for the wall-clock minutes the diffusion run
 # took (its train_log.jsonl), so both had the same CPU budget.
-# Then: python -m diffseg_engine.export.ship RUNS_DIR/default ddpm:STEPS:1.0:mirror
+# Then: python -m diffseg_engine.export.ship RUNS_DIR/default SAMPLER:STEPS:ETA[:mirror] (the sampler the
+# validation study chose, e.g. ddpm:10:1.0:mirror)
 set -euo pipefail
 runs=$1; steps=${2:-12000}
 VAL=BRATS2013_pat0002,BraTS18_CBICA_ASK,BraTS18_TCIA10_639,BraTS18_2013_23,BraTS18_CBICA_AQQ,BraTS18_TCIA01_425,BraTS18_CBICA_ATB,BraTS18_TCIA02_606

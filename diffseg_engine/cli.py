@@ -238,8 +238,8 @@ def train(
     data: Path = typer.Option(..., "--data", help="Folder of labelled cases, at any depth: one folder per patient "
                                                   "holding CASE_flair.nii.gz ... and CASE_seg.nii.gz (BraTS naming)."),
     out: Path = typer.Option(..., "--out", help="Run folder: model.safetensors, state, config, train_log.jsonl."),
-    preset: Preset = typer.Option(Preset.cpu_small_112, help="Model size: cpu-small-112 (the default model's: 16 "
-                                                             "channels at 112²), cpu-small (the same at 56²), "
+    preset: Preset = typer.Option(Preset.cpu_small, help="Model size: cpu-small (the default model's: 16 "
+                                                         "channels at 56²), cpu-small-112 (the same at 112²), "
                                                              "cpu-fast (32 channels at 56²), cpu (32 channels at "
                                                              "112²), paper (the paper's U-Net, 224²), tiny (tests)."),
     modalities: Optional[str] = typer.Option(None, help="Comma-separated channel order, e.g. flair or t1,t1ce,t2,flair "
@@ -292,7 +292,7 @@ def train(
 ) -> None:
     """Train a conditional diffusion model that generates tumour masks (EMA, periodic checkpoints, resumable).
 
-    The defaults are the shipped model's recipe (cpu-small-112 preset, x0 prediction without recycling, MSE +
+    The defaults are the shipped model's recipe (cpu-small preset, x0 prediction without recycling, MSE +
     BCE on soft targets, 40 % tumour-free slices, left-right flips; benchmarks/train_default.sh); the paper's
     is `--preset paper --prediction eps --targets binary --empty-share -1` (no flips, 60 000 steps).
 

@@ -97,6 +97,7 @@ class BatchMemoryError(ResourceError):
 
 class CasesFailedError(DiffsegError):
     """A cohort run finished, but some of its cases failed (each named in the cohort summary)."""
+    summary = "some cases of a cohort failed"
 
 
 #: One table: error kind -> process exit code. 1 is left to unexpected crashes, 2 to the CLI parser.
