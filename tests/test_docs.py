@@ -80,6 +80,14 @@ def test_site_builds_in_strict_mode(tmp_path):
         assert (out / Path(page).with_suffix(".html")).is_file(), page
 
 
+def test_site_settings():
+    """Strict (a warning fails the build), plain .html pages, a theme built into MkDocs (no extra package)."""
+    text = MKDOCS_YML.read_text()
+    assert re.search(r"^strict:\s*true\s*$", text, re.M)
+    assert re.search(r"^use_directory_urls:\s*false\s*$", text, re.M)
+    assert re.search(r"^theme:\s*\n\s+name:\s*(mkdocs|readthedocs)\s*$", text, re.M)
+
+
 def test_readme_is_short():
     n = len(README.read_text().splitlines())
     assert n <= MAX_README_LINES, f"README.md has {n} lines (at most {MAX_README_LINES}): move detail into docs/"
