@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffseg_engine.weights import load_weights, save_weights
+from diffseg_engine.artifacts.weights import load_weights, save_weights
 
 from .onnx_export import check_parity, export_onnx
 

@@ -1,4 +1,4 @@
-"""Golden-number tests of `diffseg_engine.schedule` against closed forms and direct float64 loops."""
+"""Golden-number tests of `diffseg_engine.sampling.schedule` against closed forms and direct float64 loops."""
 from __future__ import annotations
 
 import ast
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffseg_engine import schedule as S
-from diffseg_engine.errors import UsageError
+from diffseg_engine.sampling import schedule as S
+from diffseg_engine.core.errors import UsageError
 
 RNG = np.random.default_rng(0)
 IDX = {name: i for i, name in enumerate(S.COEF_NAMES)}

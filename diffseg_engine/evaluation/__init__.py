@@ -16,9 +16,9 @@ Lowest first; each module imports only those before it in this list, the runtime
 The segment-then-score loop, `evaluate.evaluate_folder`, sits above them, beside `cohort` (which it runs the
 cases through). Nothing here imports `segment`, `sampler`, `cohort`, the CLI, or torch.
 """
-from ..errors import BackendError
+from ..core.errors import BackendError
 
 try:  # every module here scores through `metrics`, which needs scipy: say so once, as a DiffsegError
-    from .. import metrics as _metrics  # noqa: F401
+    from . import metrics as _metrics  # noqa: F401
 except ImportError as _exc:
     raise BackendError(f"evaluation needs scipy, which cannot be imported ({_exc})", fix="pip install scipy") from None

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..atomic import atomic_write
+from ..io.atomic import atomic_write
 from .figures import FIGURES
 
 PAGE_NAME = "evaluation_report.html"  # = reports.REPORT_NAMES["page"]

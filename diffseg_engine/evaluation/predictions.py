@@ -14,13 +14,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import metrics as M
-from .. import qubrats as QB
-from ..cases import Case, discover_cases
-from ..errors import DatasetError, DiffsegError, InputImageError
-from ..nifti_io import load_image
-from ..outputs import NIFTI_EXTENSIONS, SUFFIXES, stem_suffix
-from ..progress import ProgressBar
+from . import metrics as M
+from ..maps import qubrats as QB
+from ..inputs.cases import Case, discover_cases
+from ..core.errors import DatasetError, DiffsegError, InputImageError
+from ..io.nifti_io import load_image
+from ..maps.outputs import NIFTI_EXTENSIONS, SUFFIXES, stem_suffix
+from ..core.progress import ProgressBar
 from .protocol import CaseScores, score_case
 
 #: The endings of the engine's NIfTI outputs after the case id ("_mask", "_variance", ...): a file named so is

@@ -44,11 +44,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import metrics as M
-from .. import qubrats as QB
-from ..errors import UsageError
-from ..preprocess import slice_axis
-from ..qubrats import QuBratsScore
+from . import metrics as M
+from ..maps import qubrats as QB
+from ..core.errors import UsageError
+from ..inputs.preprocess import slice_axis
+from ..maps.qubrats import QuBratsScore
 from . import columns
 from .calibration import CalibrationScores, calibration_scores
 from .uncertainty import UncertaintyScores, uncertainty_scores

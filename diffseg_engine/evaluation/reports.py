@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import metrics as M
-from ..atomic import atomic_write
-from ..errors import OutputError
+from . import metrics as M
+from ..io.atomic import atomic_write
+from ..core.errors import OutputError
 from . import columns as C
 from .protocol import CaseScores, SliceScores
 

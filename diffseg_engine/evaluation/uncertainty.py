@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import metrics as M
-from ..errors import UsageError
+from . import metrics as M
+from ..core.errors import UsageError
 
 #: Largest variance of a quantity in [0, 1]: u = variance / MAX_VARIANCE is the normalised uncertainty.
 MAX_VARIANCE = 0.25
