@@ -5,8 +5,7 @@ nibabel image -- to mean, variance and mask arrays on the input grid, writing no
 maps and the lesion numbers), and `segment_paths` (files in, files out: one case or a cohort, as the
 ``segment`` command). In memory it runs the same core as `segment` (`pipeline.core`: the backend's
 `run_chunk`, so its device loop too), so the maps are exactly those `segment` writes for the same case id,
-seed and settings. Imports: numpy, `pipeline`, `sampling.sampler`, `maps.lesions`, `core`. Never torch (unless
-backend="torch" is asked for), never the CLI.
+seed and settings. Imports: nibabel (lazily), numpy; `core`, `inputs` (lazily), `maps`, `pipeline`, `sampling`. Never torch.
 """
 from __future__ import annotations
 
@@ -91,23 +90,8 @@ class Segmenter:
 
     @property
     def n(self):
+        """Members per slice: N, or an `ensemble.AutoN`."""
         return self.settings.n
-
-    @property
-    def seed(self) -> int:
-        return self.settings.seed
-
-    @property
-    def batch_size(self) -> int:
-        return self.settings.batch_size
-
-    @property
-    def min_component(self) -> float:
-        return self.settings.min_component
-
-    @property
-    def force(self) -> bool:
-        return self.settings.force
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -199,7 +183,7 @@ class Segmenter:
         from .pipeline.segment import check_output, resolve_case, segment_case
         settings = replace(self.settings, save_samples=save_samples, overview=overview, overwrite=overwrite)
         inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-        case = resolve_case([Path(p) for p in inputs], list(modality), self.card, force=self.force)
+        case = resolve_case([Path(p) for p in inputs], list(modality), self.card, force=self.settings.force)
         check_output(out_dir, case, overwrite=overwrite)
         return segment_case(case, self.engine, Path(out_dir), settings, quiet=quiet, command="diffseg_engine.api")
 

@@ -4,6 +4,8 @@ Owns: argument parsing (choices as the enums below, so `--help` lists them), the
 and of the parser's usage errors to one-line messages and exit codes (the table is `errors.EXIT_CODES`), the
 logging setup (`-v` / `-q`: the library logs to `logging.getLogger("diffseg_engine")` and never prints), and
 lazy imports so that `segment` never imports torch. Nothing imports this module.
+Imports: typer; `artifacts` (lazily), `backends` (lazily), `core`, `export` (lazily), `maps`, `pipeline` (lazily),
+`sampling` (lazily), `train` (lazily). Never torch.
 """
 from __future__ import annotations
 

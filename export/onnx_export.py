@@ -4,9 +4,7 @@ Owns: `export_onnx` (safetensors -> .onnx with a dynamic batch axis, checked by 
 content digest in `metadata_props`), `precision_error` (a half step against fp32 on the same inputs), `check_parity` (onnxruntime vs torch) and
 `store_exact_fp16` (float32 weights that are exactly float16 values stored as float16 behind a Cast: lossless,
 and half the file for weights shipped in fp16).
-Imports: torch, onnx, onnxruntime (`check_parity`), `train.step` (`half_precision_step` lives there),
-`core`, `io`, `artifacts`. Never `backends` (they sit beside export). `pipeline.models.ensure_onnx` imports this
-lazily when a user hands safetensors weights to the onnxruntime backend.
+Imports: numpy, onnx (lazily), onnxruntime (lazily), torch; `artifacts`, `core`, `io`, `train`.
 """
 from __future__ import annotations
 

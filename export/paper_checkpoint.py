@@ -7,7 +7,7 @@ paper's pipeline: the four BraTS modalities t1, t1ce, t2, flair (the reference l
 [0, 1] as the reference 2D slices come, cropped 240 -> 224 (``[8:-8, 8:-8]``), a mask x_0 in {0, 1}, the
 linear 1000-step schedule, learned variance when the network has two output channels and x_0 clipped to
 [-1, 1].
-Imports: torch, `diffseg_engine.train.unet`, runtime ground floor (card, weights, errors, cases).
+Imports: numpy, torch; `artifacts.card`, `artifacts.weights`, `core.errors`, `inputs.cases`, `train.unet`.
 """
 from __future__ import annotations
 

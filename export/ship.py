@@ -2,7 +2,7 @@
 
 Owns: `ship_default` — EMA weights stored as float16 safetensors (the shipped model IS these rounded weights),
 the ONNX step graph exported from exactly those weights, the training log, and a MODEL.md summary.
-Imports: numpy, `weights`, `export.onnx_export`.
+Imports: numpy; `artifacts.weights`, `onnx_export`.
 """
 from __future__ import annotations
 

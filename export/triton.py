@@ -7,8 +7,7 @@ would call the server once per timestep per chunk as it calls a local backend. L
 model repository): ``DIR/<name>/config.pbtxt`` + ``DIR/<name>/1/model.onnx`` (platform ``onnxruntime_onnx``)
 and, when a TensorRT plan is given, ``DIR/<name>_trt/config.pbtxt`` + ``.../1/model.plan`` (``tensorrt_plan``).
 Both declare dynamic batching, so that steps sent by several engines (or chunks) are batched on the GPU.
-Imports: the standard library, `diffseg_engine.artifacts.step_graph`, `onnx_file`, `card`, `atomic`, `errors`. Never
-torch, never `backends/`.
+Imports: `artifacts.card`, `artifacts.onnx_file`, `artifacts.step_graph`, `core.errors`, `io.atomic`.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import pytest
 
 from diffseg_engine.pipeline import evaluate as E
 from diffseg_engine.evaluation import metrics as M
+from diffseg_engine.backends import StepBackend
 from diffseg_engine.core.errors import DatasetError, OutputError, UsageError
 from diffseg_engine.io.nifti_io import LoadedImage, load_image, save_like
 
@@ -398,8 +399,9 @@ def test_plain_label_maps_as_predictions(tmp_path, shared_data):
     assert 0.9 < sc.row()["slice_dice_mean"] <= 1
 
 
-class _FakeBackend:
-    """A step that ignores x_t: bright FLAIR -> tumour, plus the step's noise (so members differ)."""
+class _FakeBackend(StepBackend):
+    """A step that ignores x_t: bright FLAIR -> tumour, plus the step's noise (so members differ); its chunks
+    run through the contract's host loop."""
 
     name = "fake"
     device = "cpu"

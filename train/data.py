@@ -6,8 +6,8 @@ tumour-weighted draws with optional left-right flips).
 Images and labels go through the inference path (`preprocess.prepare_case` / `prepare_label`): reoriented
 to the card's orientation, resampled in-plane to its spacing, cropped and downsampled alike, so training
 slices look exactly like the slices the engine later feeds the network.
-Imports: numpy, `diffseg_engine.inputs.cases`, `nifti_io`, `preprocess`, `geometry`, `card`, `errors`. Must not
-import torch (batches are numpy; the loop converts them).
+Imports: numpy; `artifacts.card`, `core.errors`, `inputs.cases`, `inputs.geometry`, `inputs.preprocess`,
+`io.nifti_io`.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Owns: `TrainConfig`, `train()`, and the run folder layout:
   RUN_DIR/state.safetensors   raw weights, EMA, Adam moments, RNG states (for --resume; no pickle)
   RUN_DIR/config.json         the configuration and the patient-level split
   RUN_DIR/train_log.jsonl     one JSON line per logged step / validation
-Imports: torch, numpy, `train.unet`, `train.losses`, `train.data`, `train.presets`, runtime ground floor.
+Imports: numpy, torch; `artifacts`, `core`, `data`, `losses`, `presets`, `sampling`, `unet`.
 """
 from __future__ import annotations
 

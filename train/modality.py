@@ -4,8 +4,7 @@ Owns: the classifier network in torch (`ModalityNet`, layer for layer what `moda
 numpy), the training volumes found in a BraTS-style data folder (`find_volumes`, one cohort label each), the
 augmentation that stands in for the scanners and protocols we do not have (`augment`), `train_classifier`,
 and the leave-one-cohort-out evaluation (`heldout_rows`; benchmarks/modality_classifier.py renders it).
-Imports: numpy, torch, nibabel, `diffseg_engine.inputs.modality` (the input slices and the file), `cases` (file
-names). Must not import the CLI.
+Imports: nibabel (lazily), numpy, torch; `inputs.cases`, `inputs.modality`.
 
     python -m diffseg_engine.train.modality train ../shared/data diffseg_engine/models/modality.safetensors
     python -m diffseg_engine.train.modality heldout ../shared/data benchmarks/results/modality_classifier-cpu.md

@@ -2,7 +2,7 @@
 
 Owns: `PRESETS` (name -> Preset) and `build_card`. A preset fixes the architecture, the preprocessing and
 the diffusion process; the modalities are chosen at training time.
-Imports: `diffseg_engine.artifacts.card` only.
+Imports: `artifacts.card`, `core.errors` (lazily).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Owns: `reference_sample` — improved-diffusion's `p_sample_loop` / `ddim_sample_loop` written out step by
 step from the schedule tables (not from the fused coefficient rows), for parity tests and the benchmark
 baseline. Given the same noise streams it must reproduce the engine.
-Imports: torch, numpy, `train.unet`, `diffseg_engine.sampling.schedule`, `diffseg_engine.core.noise`.
+Imports: numpy, torch; `artifacts.card`, `sampling.sampler`, `sampling.schedule`, `unet`.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ model, directly (`low + (high − low)·sigmoid(logit)`; then columns a and b ar
 `COEF_NAMES`), so one graph serves DDPM with learned variance, respaced DDPM and DDIM(η); exported to ONNX it
 runs the per-step update in compiled code with the network.
 Also `half_precision_step` (convolutions and matmuls in fp16/bf16; the torch backend and export use it).
-Imports: torch, `train.unet`, `artifacts.card`, `artifacts.step_graph`, `core.errors`, `sampling.schedule`.
+Imports: torch; `artifacts.card`, `artifacts.step_graph`, `core.errors`, `sampling.schedule`, `unet`.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Owns: `UNetModel` (built from a `card.Architecture`), `infer_architecture` (reads the hyper-parameters back
 from a state dict's names and shapes), `unwrap_state_dict` and `load_state_dict_strict` (one-line
 `ModelFileError` instead of torch's multi-line RuntimeError).
-Imports: torch, `diffseg_engine.artifacts.card`, `diffseg_engine.core.errors`.
+Imports: torch; `artifacts.card`, `core.errors`.
 
 Parameter names and shapes are those of ``guided_diffusion/unet.py`` of the paper's code (openai
 guided-diffusion, unchanged by Wolleb), so a ``savedmodel*.pt`` / ``emasavedmodel_0.9999_*.pt`` written by

@@ -3,7 +3,7 @@
 Owns: `ModelCard` and its parts (`Architecture`, `Preprocessing`, `DiffusionSpec`), their JSON form and its
 validation. A card travels in safetensors metadata (key ``diffseg_card``), in ONNX ``metadata_props`` (same
 key) and as a JSON file beside a TensorRT plan, so any file says what it is.
-Imports: standard library and `errors` only (no numpy, no torch).
+Imports: `core.errors`. Never torch.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ its subgraphs, functions and training graphs) and to compute the digest `export`
 sha256 over the file's top-level fields except that one metadata entry, so graph, weights and card are all
 covered. A truncated or corrupt file, external data outside the model's folder and a digest that does not
 match raise `ModelFileError` before onnxruntime parses anything.
-Imports: standard library, `card`, `errors`, `step_graph`. Must not import onnx, onnxruntime or torch.
+Imports: `card`, `core.errors`, `step_graph`. Never torch.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Owns: `STEP_INPUTS` (input names in order), `STEP_OUTPUT`, `input_shapes` / `out
 the ONNX metadata key `PRECISION_KEY` under which `export` records the precision of a graph's convolutions
 and matmuls. A ground-floor module: the exporter (`export/onnx_export.py`, `export/triton.py`), the backends
 (`backends/`) and the ONNX file checks import it, so `export/` and `backends/` never import each other for it.
-Imports: the standard library only (nothing of this package, no numpy, no torch).
+Imports: the standard library only. Never torch.
 """
 from __future__ import annotations
 

@@ -15,8 +15,7 @@ without a GPU builds a portable plan: gpu null), the ONNX file's sha256, the pre
 own sha256 and the model card. The cache key is the sha256 of everything that decides the plan's bytes
 (ONNX sha256, TensorRT module and version, target GPU, precision, profile).
 
-Imports: standard library, `atomic`, `card`, `errors`, `onnx_file`, `step_graph`; tensorrt/tensorrt_rtx and
-cuda-bindings lazily. Must not import torch, onnx or onnxruntime.
+Imports: cuda-bindings (lazily); `core.errors`, `core.host`, `io.atomic`, `onnx_file`, `step_graph`. Never torch.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ numpy API: parsing, bounds and overlap checks are the library's), the weights di
 (`weights_digest`), and the translation of the library's errors into one-line `ModelFileError`s that name
 the file (truncated, trailing bytes, impossible header, not JSON) plus the refusal of files without a card or
 whose tensors do not match the card's digest.
-Imports: numpy, safetensors, `card`, `errors`. Must not import torch (the runtime reads weights without it).
+Imports: numpy, safetensors; `card`, `core.errors`, `io.atomic`. Never torch.
 
 Format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length N, N bytes of JSON
 header ``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}``, then the raw data.

@@ -1,7 +1,6 @@
 """The runtimes of the step graph and their registry: `open_backend` (name -> backend), `read_card`, `BACKENDS`.
 
-Imports: `backends.base`, `artifacts` (a model file's card), `core.errors`; each implementation lazily, so
-choosing one never loads another's runtime.
+Imports: `artifacts`, `base`, `core`, `ort` (lazily), `tensorrt` (lazily), `torch_ref` (lazily). Never torch.
 """
 from __future__ import annotations
 

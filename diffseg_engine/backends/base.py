@@ -2,8 +2,7 @@
 
 Owns: `StepBackend` (load in the constructor, `allocate`, `infer` one step, `run_chunk` a whole chunk: by
 default `core.steps.host_loop` over `infer`; a runtime with a device loop overrides it), `BACKENDS`,
-`DEVICE_PATTERN` and `batch_memory_error`. Imports: numpy, `core`, `artifacts.card`; none of its
-implementations (the registry, `backends/__init__.py`, names them).
+`DEVICE_PATTERN` and `batch_memory_error`. Imports: numpy; `artifacts.card`, `core.errors`, `core.steps`. Never torch.
 """
 from __future__ import annotations
 

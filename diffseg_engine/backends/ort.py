@@ -3,8 +3,7 @@
 Owns: `OnnxRuntimeBackend` (the session, checked by `artifacts.onnx_file.inspect_onnx` first; a requested
 CUDA provider that is not really active is refused; allocation failures -> `BatchMemoryError`) and its
 `run_chunk`: on the CUDA provider with cuda-bindings a device loop (IO binding, noise from
-`sampling.noise_device`), else the host loop. Imports: numpy, onnxruntime (lazily), `core`, `artifacts`,
-`sampling.noise_device`, `backends.base`. Never torch.
+`sampling.noise_device`), else the host loop. Imports: cuda-bindings (lazily), numpy, onnxruntime (lazily); `artifacts`, `base`, `core`, `sampling` (lazily). Never torch.
 """
 from __future__ import annotations
 

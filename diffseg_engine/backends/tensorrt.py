@@ -4,8 +4,7 @@ Owns: `TensorRTBackend` — load (the plan's sidecar checked by `artifacts.tenso
 TensorRT runtime object exists; an .onnx model is built into the plan cache on first use), `allocate` (device
 buffers of the shapes `artifacts.step_graph` defines), `infer` (one step from host arrays) and `run_chunk`
 (a whole chunk on the GPU: noise from the `sampling.noise_device` CUDA kernel, one captured CUDA graph per
-direction replayed per step, x_0 downloaded once). Imports: numpy, `core`, `artifacts`, `sampling.noise_device`,
-`backends.base`; tensorrt and cuda-bindings lazily. Never torch or onnxruntime. Tests: marked `gpu`.
+direction replayed per step, x_0 downloaded once). Imports: cuda-bindings (lazily), numpy; `artifacts.card`, `artifacts.step_graph`, `artifacts.tensorrt_plan`, `base`, `core.errors`, `sampling.noise_device` (lazily). Never torch.
 """
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 Owns: `TorchBackend` (torch's out-of-memory errors -> `BatchMemoryError`) and its `run_chunk`: on CUDA the
 device loop (image and coefficient rows uploaded once, noise from `sampling.noise_device.TorchNoise`, each step
-replayed from a captured CUDA graph, x_0 back once), on the CPU the host loop. Imports: torch, `train.step`,
-`artifacts.weights`, `core`, `sampling.noise_device`, `backends.base`.
+replayed from a captured CUDA graph, x_0 back once), on the CPU the host loop. Imports: numpy, torch (lazily); `artifacts.weights`, `base`, `core.errors`, `core.host` (lazily), `sampling.noise_device` (lazily), `train.step` (lazily).
 """
 from __future__ import annotations
 

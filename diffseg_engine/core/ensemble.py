@@ -4,7 +4,7 @@ Owns: `EnsembleStats` (per-slice running mean and variance, Welford, float64, wh
 restored exactly for resuming, and the change of a slice's maps since a saved row: the adaptive stop rule's
 measure), `member_probability` (a sampled mask x_0 -> a value in [0, 1]), and the ensemble size a run asks
 for: a fixed N or `AutoN` (``--n auto``: its parameters, its member counts at round ends, `ensemble_identity`).
-Imports: numpy and the standard library only.
+Imports: numpy. Never torch.
 """
 from __future__ import annotations
 

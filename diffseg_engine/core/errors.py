@@ -1,8 +1,7 @@
 """Errors a user can act on, and the one table that maps them to exit codes.
 
 Owns: the `DiffsegError` hierarchy and `EXIT_CODES`. Every error names the file (or option) at fault and
-the fix, on one line. Imports: standard library only. Must not import numpy, torch or anything else in
-this package.
+the fix, on one line. Imports: the standard library only. Never torch.
 """
 from __future__ import annotations
 

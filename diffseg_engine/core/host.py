@@ -4,7 +4,7 @@ Owns: `usable_cpus`, the number of CPUs this process may run on: its CPU affinit
 a container's cpuset) capped by its cgroup CPU quota (`docker --cpus`, Kubernetes limits), which
 `os.cpu_count()` ignores. Every default thread count (`--threads`) comes from here. Also `user_cache_dir`
 (DIFFSEG_CACHE, else $XDG_CACHE_HOME/diffseg-engine: exported graphs and TensorRT plans).
-Imports: standard library only. Must not import numpy or torch.
+Imports: the standard library only. Never torch.
 """
 from __future__ import annotations
 

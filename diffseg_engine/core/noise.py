@@ -2,7 +2,7 @@
 
 Owns: the stream specification below, `NoiseStreams`, `MemberStream`, `BatchNoise`, and the reference
 implementation `philox4x32` / `normals` in numpy. Device implementations (`noise_device`) follow the same
-specification. Imports: numpy, hashlib. Must not import anything else of this package.
+specification. Imports: numpy. Never torch.
 
 Specification (diffseg-noise/1)
 -------------------------------

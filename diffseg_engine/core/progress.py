@@ -3,7 +3,7 @@
 Owns: `ProgressBar`. On a terminal it draws a rich bar (description, count, rate, ETA, extra fields such as
 the loss); elsewhere (CI, `nohup`, a log) it logs one plain line (logger `diffseg_engine.core.progress`, level INFO,
 so `-q` silences it) at most every `log_every` seconds, or writes it to `stream` when one is given.
-Imports: standard library, and rich when present (a declared dependency). Must not import numpy or torch.
+Imports: rich (lazily). Never torch.
 """
 from __future__ import annotations
 

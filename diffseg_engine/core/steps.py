@@ -2,7 +2,7 @@
 
 Owns: `ChunkFn` (the signature every backend's `run_chunk` has and `sampling.sampler.sample_ensemble` calls),
 `host_loop` (the loop on the host: one one-step call per timestep, x_T and each z drawn from the Philox streams,
-`noise.BatchNoise`) and `host_runner` (a one-step function made into a `ChunkFn`). Imports: numpy, `core.noise`.
+`noise.BatchNoise`) and `host_runner` (a one-step function made into a `ChunkFn`). Imports: numpy; `noise`. Never torch.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Owns: `auroc` (exact, Mann-Whitney U with average ranks for ties), `roc_points` 
 for plotting), `reliability` / `Reliability` (the reliability diagram's bins and the expected calibration
 error), `error_detection` / `ErrorDetection`, and `calibration_scores` / `CalibrationScores`, which a case's
 scores carry (`protocol.CaseScores.calibration`).
-Imports: numpy and the standard library only.
+Imports: numpy. Never torch.
 
 Definitions. The region: brain voxels (any modality non-zero; the whole grid when no image is at hand) of the
 slices whose ground truth holds tumour -- the voxels where a reader looks for errors. Errors: mask != truth

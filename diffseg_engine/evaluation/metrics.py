@@ -31,7 +31,7 @@ the BraTS evaluation assigns). `NAN`: an undefined value is NaN (both empty -> D
 empty -> Dice 0 and Jaccard 0, which are well defined, HD95 NaN); NaN is excluded from means, as the paper
 (Wolleb et al. 2022, Table 1) does for the HD95 of empty predictions.
 
-Imports: numpy and scipy.ndimage only. Must not import torch, nibabel or any other module of this package.
+Imports: numpy, scipy. Never torch.
 """
 from __future__ import annotations
 

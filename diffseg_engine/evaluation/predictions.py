@@ -4,8 +4,7 @@ Owns: finding each labelled case's prediction files (`find_prediction`: the engi
 `outputs`, or a plain ``<case>.nii.gz`` label map, with a QU-BraTS ``<case>_unc_whole``), the predictions that
 match no case, loading what scoring needs (the brain mask from the case's images, the member masks) and scoring
 every labelled case (`labelled_cases`, `score_folder` / `FolderScores`).
-Imports: numpy, nibabel (through `nifti_io`; the samples file directly, as uint8), `cases`, `outputs`,
-`qubrats`, `progress`, `errors`, `metrics`, and this package's `protocol`.
+Imports: nibabel (lazily), numpy; `core`, `inputs`, `io`, `maps`, `metrics`, `protocol`. Never torch.
 """
 from __future__ import annotations
 

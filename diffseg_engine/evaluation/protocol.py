@@ -3,7 +3,7 @@
 Owns: per-slice scores (`slice_scores` / `SliceScores`, paper Table 1), per-volume scores (`volume_scores`),
 ensemble-size curves (`ensemble_curve` / `EnsembleCurve`, `default_ensemble_sizes`, `check_sizes`), and one
 case's scores (`score_case` / `CaseScores`, which also holds its `uncertainty` and QU-BraTS scores).
-Imports: numpy, `metrics`, `preprocess.slice_axis`, `qubrats`, and this package's `uncertainty` and `columns`.
+Imports: numpy; `calibration`, `columns`, `core`, `inputs`, `maps`, `metrics`, `uncertainty`. Never torch.
 
 Protocol (Wolleb et al., MIDL 2022, section 4 and Table 1):
 

@@ -2,7 +2,7 @@
 
 Owns: `uncertainty_scores` / `UncertaintyScores`, `filtered_dice_curve`, `check_options` (the one check of
 the top percent and the number of levels) and `MAX_VARIANCE`.
-Imports: numpy, `metrics` (Dice, empty-mask policies), `errors`. Nothing else of this package.
+Imports: numpy; `core.errors`, `metrics`. Never torch.
 
 Definitions. u = clip(variance / 0.25, 0, 1) (0.25 is the largest population variance of values in [0, 1]).
 Errors E = (prediction != ground truth) inside the brain (any modality non-zero, as in preprocessing; the

@@ -4,8 +4,7 @@ Owns: the modality and label file-name aliases, `Case`, `find_case` and `discove
 read from its name only: the last token of the stem split on ``_`` or ``-`` (case-insensitive), or, in the
 reference 2D naming ``brats_train_006_flair_080_w``, the token before the slice number. Only files directly
 inside a case folder count (so ``algorithm-segmentations/`` and other subfolders are never labels).
-Imports: the standard library, `card` (canonical names) and `errors` only. Must not import numpy,
-nibabel or torch, and never opens image files.
+Imports: `artifacts.card`, `core.errors`. Never torch.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ spacing differs from the card's `spacing_mm` by more than `SPACING_TOLERANCE` (r
 exactly `spacing_mm` (linear, with a Gaussian anti-aliasing pre-filter when shrinking); the new grid keeps the
 centre of the field of view where it was. An axis within the tolerance is used as it is (no interpolation).
 
-Imports: numpy, nibabel.orientations, scipy.ndimage (lazily, only to shrink), `card`, `errors`. Never torch.
+Imports: nibabel, numpy, scipy (lazily); `core.errors`. Never torch.
 """
 from __future__ import annotations
 

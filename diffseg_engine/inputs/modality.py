@@ -5,15 +5,7 @@ pass in numpy (`forward`, a four-layer CNN, 61 k parameters), its file (safetens
 `ModalityClassifierCard` in the metadata, tensors checked against the card's digest) and the verdict on one
 volume (`ModalityClassifier.predict` -> `ModalityGuess`). Trained by `diffseg_engine.train.modality` (torch),
 which imports `brain_band` and `classifier_slices` from here, so training and inference see the same input.
-Imports: numpy, scipy, `card` (`Preprocessing`), `errors`, `preprocess` (axial order, intensity normalisation),
-`weights` (the safetensors container and digest). Must not import torch, nibabel, `sanity` or anything above it.
-
-Why learned: the hand-made features (an intensity level, a cortex/white-matter ratio) order each patient's
-T1 and FLAIR but overlap across cohorts (benchmarks/results/input_sanity-measurements.md). The contrast that
-names a modality is spatial and relational (CSF dark and grey matter brighter than white matter in FLAIR;
-white matter brightest in T1; CSF bright in T2; enhancing rims and vessels in T1ce), which a small CNN on a
-few axial slices learns. Held-out accuracy, one cohort left out at a time: benchmarks/results/
-modality_classifier-cpu.md.
+Imports: numpy, scipy; `artifacts.card`, `artifacts.weights`, `core.errors`, `preprocess`. Never torch.
 """
 from __future__ import annotations
 

@@ -27,8 +27,7 @@ stays exactly that constant), `uncrop` (zeros outside the crop window), linear r
 input's in-plane grid (same world positions), zeros on unprocessed slices and outside the brain mask, and
 the inverse reorientation onto the input's exact voxel order and shape. Without resampling every step but
 the up/downsampling is exact.
-Imports: numpy, `card`, `geometry` and `errors` only. Must not import nibabel directly (arrays and affines
-come in from `nifti_io`; `geometry` uses nibabel.orientations), torch or onnxruntime.
+Imports: numpy; `artifacts.card`, `core.errors`, `geometry`. Never torch.
 """
 from __future__ import annotations
 

@@ -3,28 +3,8 @@
 Owns: the measurements of one input volume (`measure`), the thresholds below and the verdict (`check_volume`,
 `check_case`): refuse (`InputImageError`, exit 10) what is clearly not what the model was trained on, warn
 (one logging line) where the evidence is weaker. `--force` (``force=True``) turns refusals into warnings.
-Imports: numpy, `errors`, `preprocess` (the engine's own axial order and intensity normalisation), `modality`
-(the classifier, numpy only). Must not import nibabel (arrays, affines and voxel sizes come in from `nifti_io`
-via `segment`), torch or the CLI.
-
-Thresholds, from every volume under ../shared/data (benchmarks/results/input_sanity-measurements.md,
-`benchmarks/input_sanity_measure.py`; the table there lists which volumes were measured):
-
-* skull-stripped. BraTS-preprocessed volumes (2012, 2013, 2018, 2020, 2023, AURORA, all modalities): 17-27 %
-  of voxels non-zero (2D reference slices: 29-30 %), 0 % of the field-of-view frame non-zero, 1.4-1.6 L of
-  non-zero voxels. The native TCGA-FG-6692 scans (not skull-stripped): 90-97 % non-zero, 77-93 % of the frame
-  non-zero, 5.9-6.4 L. Refused above 60 % non-zero, 50 % of the frame or 3000 mL; warned above 35 %, 2 % or
-  2200 mL (a head with its background zeroed, a crop around the head).
-* modality: the learned classifier of `modality.py` (a small CNN on 16 axial slices of the brain, trained on
-  every BraTS-preprocessed volume under ../shared/data: 7 cohorts, 52 volumes). Its leave-one-cohort-out table
-  (benchmarks/results/modality_classifier-cpu.md, `benchmarks/modality_classifier.py`) sets `PAIR_LOGODDS`:
-  the log-odds log p(T1) - log p(FLAIR) of held-out real FLAIRs reach -0.84 at most and of held-out T1s +0.83
-  at least, so a volume given as FLAIR that the classifier finds more T1 than FLAIR (log-odds >= 0) is refused,
-  and so is a FLAIR given as T1; T1 against T2 and T1ce against T2 separate as well and are refused alike.
-  FLAIR against T2 overlaps (a held-out FLAIR at +1.81, a T2 at +0.28): warned about only, above every held-out
-  FLAIR. T1ce against FLAIR or T1 overlaps both ways: not judged. The hand-made features tried before (an
-  intensity level; a cortex/deep-white-matter ratio, benchmarks/t1_vs_flair_spatial.py) ordered each patient's
-  pair but overlapped across cohorts (benchmarks/results/input_sanity-measurements.md).
+Thresholds: the constants below, each with the measurements it comes from.
+Imports: numpy; `artifacts.card`, `core.errors`, `modality`, `preprocess`. Never torch.
 """
 from __future__ import annotations
 
@@ -111,7 +91,23 @@ def measure(volume: np.ndarray, affine: np.ndarray, zooms: Sequence[float]) -> M
                         q50=float(q[2]), q75=float(q[3]), q95=float(q[4]), dark_share=dark)
 
 
-# ---- thresholds (see the module docstring for the measurements behind them) --------------------------------
+# ---- thresholds -------------------------------------------------------------------------------------------
+# Thresholds, from every volume under ../shared/data (benchmarks/results/input_sanity-measurements.md,
+# `benchmarks/input_sanity_measure.py`; the table there lists which volumes were measured):
+#
+# * skull-stripped. BraTS-preprocessed volumes (2012, 2013, 2018, 2020, 2023, AURORA, all modalities): 17-27 %
+#   of voxels non-zero (2D reference slices: 29-30 %), 0 % of the field-of-view frame non-zero, 1.4-1.6 L of
+#   non-zero voxels. The native TCGA-FG-6692 scans (not skull-stripped): 90-97 % non-zero, 77-93 % of the frame
+#   non-zero, 5.9-6.4 L. Refused above 60 % non-zero, 50 % of the frame or 3000 mL; warned above 35 %, 2 % or
+#   2200 mL (a head with its background zeroed, a crop around the head).
+# * modality: the learned classifier of `modality.py` (a small CNN on 16 axial slices of the brain, trained on
+#   every BraTS-preprocessed volume under ../shared/data: 7 cohorts, 52 volumes). Its leave-one-cohort-out table
+#   (benchmarks/results/modality_classifier-cpu.md, `benchmarks/modality_classifier.py`) sets `PAIR_LOGODDS`:
+#   the log-odds log p(T1) - log p(FLAIR) of held-out real FLAIRs reach -0.84 at most and of held-out T1s +0.83
+#   at least, so a volume given as FLAIR that the classifier finds more T1 than FLAIR (log-odds >= 0) is refused,
+#   and so is a FLAIR given as T1; T1 against T2 and T1ce against T2 separate as well and are refused alike.
+#   FLAIR against T2 overlaps (a held-out FLAIR at +1.81, a T2 at +0.28): warned about only, above every held-out
+#   FLAIR. T1ce against FLAIR or T1 overlaps both ways: not judged.
 #: Not skull-stripped: refuse above the first value, warn above the second.
 FRAME_NONZERO = (0.5, 0.02)
 NONZERO_SHARE = (0.6, 0.35)
@@ -119,7 +115,7 @@ NONZERO_ML = (3000.0, 2200.0)
 #: The modality classifier (`modality.py`). For a volume given as modality g, the log-odds of another class o,
 #: log p(o) - log p(g), of the classifier's volume probabilities: refused at the first value or more, warned
 #: about at the second (None: never). Pairs not listed say nothing (T1ce against FLAIR or T1: the held-out
-#: cohorts overlap both ways). Chosen from the leave-one-cohort-out table (module docstring).
+#: cohorts overlap both ways). Chosen from the leave-one-cohort-out table (above).
 PAIR_LOGODDS: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("flair", "t1"): (0.0, -0.5), ("t1", "flair"): (0.0, -0.5),
     ("flair", "t2"): (None, 2.0), ("t2", "flair"): (None, 0.5),

@@ -5,7 +5,7 @@ destination and fsynced; only when all are complete are they renamed into place,
 fsynced), `atomic_write` (the one-file case) and `write_error`, which turns a failed write into a one-line
 `OutputError` — or `ResourceError` when the disk or the quota is full. Bytes reach the disk through
 `os.write` only, so a test can simulate a full disk by patching it.
-Imports: standard library and `errors` only.
+Imports: `core.errors`. Never torch.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Owns: `OutputLock`: the file ``<out>/.<case>.lock`` held with `fcntl.flock` (the
 its process dies, even by SIGKILL, so a stale file never blocks a later run) and holding the owner's pid for
 the message. A second run fails at once with `OutputBusyError`. The file is removed on release; the inode
 check after locking makes that safe against a run that opened the old file just before.
-Imports: standard library and `errors` only. Where fcntl does not exist (Windows) the lock does nothing.
+Imports: `core.errors`. Never torch.
 """
 from __future__ import annotations
 

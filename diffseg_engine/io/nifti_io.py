@@ -8,8 +8,7 @@ any data is read), complex or RGB data, singular, sheared or non-finite affines,
 disagree, non-finite or extreme scaling (scl_slope/scl_inter) and NaN/Inf voxels, each as an
 `InputImageError` one-liner. Writing copies the reference's geometry exactly (affine, sform/qform with codes,
 zooms, units) and is atomic (temp file + fsync + os.replace).
-Imports: numpy, nibabel, the standard library, `atomic` and `errors` only. Must not import torch,
-onnxruntime or any other module of this package (no preprocessing or case logic here).
+Imports: nibabel, numpy; `atomic`, `core.errors`. Never torch.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ maps are kept), so the folder stays about one statistics volume in size. Loading
 and checks that the counts are exactly those of the first `next_item` work items (a fixed N: slice-major;
 auto: what the saved schedule gives, checked by `Rounds.restore`), so a resumed run continues from the very
 float64 state an uninterrupted one had: bit-identical results.
-Imports: numpy, the standard library, `atomic`, `ensemble`, `errors`.
+Imports: numpy; `atomic`, `core.ensemble`, `core.errors`. Never torch.
 """
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """A case's maps from its ensemble statistics, on the input grid.
 
 Owns: `CaseMaps` and `ensemble_maps` (mean, variance, the cleaned mask, entropy and, for ``--n auto``, the
-members each slice got), `members_map`, `members_summary`. Imports: numpy, `core.ensemble`, `inputs.preprocess`
-(`restore`), `maps.lesions`, `maps.qubrats`.
+members each slice got), `members_map`, `members_summary`. Imports: numpy; `core.ensemble`, `inputs.preprocess`, `lesions`, `qubrats`. Never torch.
 """
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
 """The lesion mask: from the ensemble's mean map to the 0/1 mask a user reads, and what was dropped on the way.
 
 Owns: `lesion_mask` (mean > 0.5, then connected components smaller than `min_component` of the largest one
-removed), `MaskResult`, `DEFAULT_MIN_COMPONENT` and `lesion_summary` (a case's lesion size and uncertainty). The mean and variance maps are never changed here: they
-stay the ensemble's raw statistics, so a user who disagrees with the clean-up can threshold the mean again.
-Imports: numpy, scipy.ndimage. Must not import the sampler, backends, nibabel, torch or the CLI.
-
-Why: on the validation patients the previous default model (cpu-fast) marked small, confident, isolated blobs
-far from the lesion (BRATS2013_pat0002: five components of 0.03-0.48 ml, 50-83 mm from a 70 ml lesion, i.e.
-0.05-0.7 % of it). One such blob moves the 3D HD95 from about 6 mm to about 50 mm. (The current default leaves
-none there: its HD95 is the same with and without the clean-up, benchmarks/results/default-validation-cpu.md.) Dropping components under 2 % of the largest is the
-usual BraTS-style clean-up; 2 % was chosen from those numbers (a real satellite focus next to a 70 ml lesion,
-1.4 ml or more, is kept), not tuned further. `min_component=0` keeps every component.
+removed), `MaskResult`, `DEFAULT_MIN_COMPONENT` and `lesion_summary` (a case's lesion size and
+uncertainty). The mean and variance maps are never changed here: a user can threshold the mean again.
+Imports: numpy, scipy (lazily). Never torch.
 """
 from __future__ import annotations
 

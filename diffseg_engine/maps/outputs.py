@@ -4,7 +4,7 @@ files of a folder of predictions).
 
 Owns: `SUFFIXES` (what follows the case id in each file's name, by key), the keys each kind of run writes
 (`RUN_KEYS`, `SUBMISSION_KEYS`), `output_paths` and `NIFTI_EXTENSIONS` with `stem_suffix` for readers that also
-accept ``.nii``. Imports: the standard library only.
+accept ``.nii``. Imports: the standard library only. Never torch.
 """
 from __future__ import annotations
 

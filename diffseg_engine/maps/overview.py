@@ -2,7 +2,7 @@
 
 Owns: `write_overview` — a few axial slices through the lesion: the input, the ensemble mean as an overlay
 (with the 0.5 contour of the mask), and the variance map, each with a colour bar.
-Imports: numpy, matplotlib (Agg, lazily), `preprocess.slice_axis`, `atomic`. Must not import torch.
+Imports: matplotlib (lazily), numpy; `inputs.preprocess`, `io.atomic`. Never torch.
 """
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 its score, computed exactly as the challenge's own scorer does.
 
 Owns: `binary_entropy`, `uncertainty_map` (the 0-100 map this engine submits), `submission_paths`,
-`label_map` and `score` / `QuBratsScore`. Imports: numpy, and `outputs` (where the submission's file names are
-defined with the engine's other output names).
+`label_map` and `score` / `QuBratsScore`. Imports: numpy; `outputs`. Never torch.
 
 The scorer is `BraTS_Seg_Uncertainty.py` of github.com/RagMeh11/QU-BraTS (the challenge organisers' code):
 * uncertainty maps hold values in [0, 100]; 0 = certain, 100 = most uncertain;

@@ -8,9 +8,8 @@ a failure recorded, not raised), the single-process loop (`run_cohort`), and the
 (`write_summary`: CSV and Markdown, one row per case, ranked by uncertainty, and the review page
 `review.write_review`). The Ray runner (`cohort_ray`)
 reuses `run_case` and `write_summary`; `evaluate` segments its labelled cases with `segment_entry`.
-Imports: numpy, the standard library, `cases`, `errors`, `atomic`, `outputs`, `review`, `segment` (and what it
-imports).
-Never torch, never the CLI; `evaluate` is beside it, not below.
+Imports: `backends`, `core`, `inputs`, `io`, `maps`, `models` (lazily), `options`, `review`, `segment` (lazily).
+Never torch.
 """
 from __future__ import annotations
 

@@ -6,8 +6,7 @@ unexpected error, write the cohort summary) and `schedule` (that hand-out-and-re
 ``run(entry)`` method; it gives up workers that cannot start or died for good, so a run always ends). Workers write each case's outputs into the output folder themselves, through
 `cohort.run_case` -- the same lock, resume, atomic files and layout as a single-process run -- so the folder
 must be visible at the same path on every node (a shared file system).
-Imports: `ray` (lazily: this module is imported only for ``--ray``), `cohort`, `segment`, `errors`. Never torch
-in the driver (a torch backend imports it on the workers only).
+Imports: ray (lazily); `cohort`, `core.errors`, `models` (lazily), `options`. Never torch.
 """
 from __future__ import annotations
 

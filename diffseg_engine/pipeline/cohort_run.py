@@ -1,8 +1,7 @@
 """One cohort command: list the cases, take this part, then run them in this process or on Ray.
 
 Owns: `run_cohort` (the single-process loop over one loaded backend) and `segment_cohort` (what
-`diffseg-engine segment INPUT_DIR|LIST` does). Imports: `pipeline.cohort`, `pipeline.cohort_ray` (lazily, for
-``--ray``), `pipeline.models`, `core`. Nothing in the pipeline imports this but the CLI and the API.
+`diffseg-engine segment INPUT_DIR|LIST` does). Imports: `backends`, `cohort`, `cohort_ray` (lazily), `core.progress`, `models` (lazily), `options`. Never torch.
 """
 from __future__ import annotations
 

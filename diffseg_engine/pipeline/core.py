@@ -2,8 +2,7 @@
 case on a backend and turn the statistics into maps.
 
 Owns: `default_batch_size` (and `CPU_BATCH_CAP`), `sample_case` (the sampler on `StepBackend.run_chunk`, so a
-backend with a device loop uses it wherever the engine runs) and `case_maps`. Imports: `backends`, `core`,
-`sampling.sampler`, `maps.ensemble_maps`, `inputs.preprocess`, `pipeline.options`.
+backend with a device loop uses it wherever the engine runs) and `case_maps`. Imports: numpy; `artifacts`, `backends`, `core`, `inputs`, `maps`, `options`, `sampling`. Never torch.
 """
 from __future__ import annotations
 

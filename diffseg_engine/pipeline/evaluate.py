@@ -3,10 +3,8 @@
 Owns: `evaluate_folder`, which the CLI calls, its option checks (`check_options`) and `EvaluationResult`. The
 segmenting goes through `cohort` (`cohort.segment_entry`: a case finished by the same run, `segment.finished_run`,
 is reused), the scoring and the reports through `diffseg_engine.evaluation` (`protocol`, `uncertainty`,
-`predictions`, `reports`, with the per-case metrics in `evaluation.columns`). The names earlier code imported from
-here are re-exported (`__all__`).
-Imports: this package's `evaluation`, `options`, `metrics`, `errors`, `progress`; `cohort` and `segment` only
-inside `evaluate_folder` when it segments. Beside `cohort`, below the CLI and the API. Never torch.
+`predictions`, `reports`, with the per-case metrics in `evaluation.columns`). It re-exports the scoring names in `__all__`.
+Imports: `cohort` (lazily), `core`, `evaluation`, `models` (lazily), `options`. Never torch.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Owns: `DEFAULT_MODEL_DIR`, `DEMO_INPUT`, `default_model`, `ensure_onnx` (safetensors weights -> their ONNX step
 graph: a sibling file or one exported into the user cache), `open_model` (a backend on a model file, or on
-the default) and `model_sha256`. Imports: `backends`, `artifacts`, `core`; `export` lazily, only to export.
+the default) and `model_sha256`. Imports: `artifacts`, `backends`, `core`, `export` (lazily). Never torch.
 """
 from __future__ import annotations
 

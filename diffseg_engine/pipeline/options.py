@@ -4,7 +4,7 @@ Owns: `RunSettings` (the parameters of a run, validated once when made), `check_
 `UsageError` naming the option for a value that cannot work, raised before any file is opened or model
 loaded), `ensemble_size` (``--n`` N or ``auto`` -> N or `AutoN`) and `OUTPUT_FORMATS`. Range checks that need
 the model (``--steps`` against the card's T) stay with `sampling.sampler.plan_sampling`.
-Imports: `core`, `sampling.sampler`, `backends` (names, device pattern), `maps.lesions` (a default).
+Imports: `backends`, `core.ensemble`, `core.errors`, `maps.lesions`, `sampling.sampler`. Never torch.
 """
 from __future__ import annotations
 

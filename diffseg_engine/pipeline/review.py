@@ -7,8 +7,7 @@ warnings, the failure's reason, its files), `folder_problems` (missing, partial 
 The page is one self-contained HTML file (inline style and script, no network); each case's overview PNG is
 beside it and a small thumbnail of it in `report_files/thumbs/`, loaded lazily, so a thousand cases open fast.
 Templating is Jinja2 with autoescaping, thumbnails Pillow: no HTML escaping or image code by hand here.
-Imports: the standard library, jinja2, Pillow, `outputs`, `atomic`, `errors`. Never the sampler, a backend,
-`cohort` or the CLI (`cohort` calls this after every run; `diffseg-engine report` on any output folder).
+Imports: jinja2 (lazily), numpy (lazily), pillow (lazily); `core.errors`, `io.atomic`, `maps.outputs`. Never torch.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ which ties preprocessing, the sampler, a backend and the inverse preprocessing t
 lock (`lock`), saving each finished chunk (`partial`) so that an interrupted run resumes, writing all maps
 together (`atomic.AtomicFiles`) and the provenance JSON last, as the mark of a finished case. The files'
 names are `outputs`' (`output_paths` is re-exported here for its callers).
-Imports: numpy, nibabel (via nifti_io), the runtime modules below it. Never torch (the torch backend is
-opened through `backends.open_backend` only when asked for).
+Imports: nibabel (lazily), numpy, onnxruntime (lazily); `artifacts`, `backends`, `core`, `inputs`, `io`, `maps`,
+`models`, `options`, `sampling`. Never torch.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ CPU too), `CUDA_SOURCE` (the same generator as one CUDA C kernel, for the runtim
 TensorRT and onnxruntime's CUDA provider; the file also compiles as C, which is how the tests check its
 arithmetic on a machine without a GPU) and `CudaNoise` (that kernel compiled with NVRTC and launched through
 cuda-bindings on a raw device pointer).
-Imports: numpy, `noise`; torch and cuda-bindings lazily, each only by the class that needs it.
+Imports: cuda-bindings (lazily), numpy, torch (lazily); `core.errors` (lazily), `core.noise`.
 """
 from __future__ import annotations
 

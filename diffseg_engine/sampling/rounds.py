@@ -12,7 +12,7 @@ a slice's maps: a slice that stopped at k members has the maps of a fixed-N = k 
 `state` / `restore` hold what a resume needs beyond the statistics (round, its first item, the slices of the
 round, those already found to have converged, and the round-start row of a slice whose members of the round
 are split by a chunk's end); `restore` checks it against the statistics.
-Imports: numpy, `ensemble`. Never a backend.
+Imports: numpy; `core.ensemble`. Never torch.
 """
 from __future__ import annotations
 

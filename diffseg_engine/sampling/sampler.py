@@ -1,13 +1,11 @@
 """The batched ensemble sampler: the paper's Algorithm 2, N times per slice, all members batched.
 
 Owns: `SamplingPlan` (which steps, their coefficient rows and network timesteps, mirrored members),
-`plan_sampling`, and
-`sample_ensemble` — a short loop over rounds (`rounds.Rounds`: one for a fixed N; ``--n auto`` adds rounds
-for the slices whose maps still change), over chunks of each round's (slice, member) work items and, inside,
-over timesteps; one backend call per timestep per chunk does the network AND the update (compiled in the
-step graph). A chunk that does not fit in memory is halved and retried (`BatchMemoryError` from the backend).
-Imports: numpy, `schedule`, `noise`, `ensemble`, `rounds`, `card`, `errors`, `geometry` (which network axis is
-left-right). Never a concrete backend, never torch.
+`plan_sampling` / `chosen_plan`, and `sample_ensemble`: a loop over rounds (`rounds.Rounds`; ``--n auto`` adds
+rounds for the slices whose maps still change) and over chunks of (slice, member) work items, each chunk run
+through all timesteps by one `run_chunk` call (`core.steps.ChunkFn`: a backend's); a chunk that does not fit
+in memory is halved and retried.
+Imports: numpy; `artifacts`, `core`, `inputs`, `rounds`, `schedule`. Never torch.
 """
 from __future__ import annotations
 

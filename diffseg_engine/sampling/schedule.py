@@ -8,7 +8,7 @@ that every backend runs: a row of 8 coefficients per step (`COEF_NAMES`) built b
 
 Formulas follow Nichol & Dhariwal's improved-diffusion (`gaussian_diffusion.py`, `respace.py`), which the
 code of Wolleb et al. 2022 builds on, with `rescale_timesteps=False`.
-Imports: numpy, the standard library and `errors` only. Must not import torch.
+Imports: numpy; `core.errors`. Never torch.
 """
 from __future__ import annotations
 
