@@ -6,16 +6,8 @@ Owns: `trt_module` (the `tensorrt` module, or `tensorrt_rtx`, which has the same
 process), `plan_key`, `build_plan`, `ensure_plan` (plans cached under their key), `read_sidecar` and
 `check_plan`.
 
-A plan is built from an exported step graph (`export --precision`): the network is strongly typed, so the
-ONNX file's own types (fp32, or convolutions and matmuls in fp16/bf16) are the plan's precision; one
-optimization profile spans the batch axis (1 .. max batch); `tensorrt` keeps a timing cache per version and GPU
-(TensorRT-RTX has none: its timing-cache calls are no-ops). The sidecar `<plan>.json` records the TensorRT
-module and version, the GPU name and compute capability the plan was built for (TensorRT-RTX on a machine
-without a GPU builds a portable plan: gpu null), the ONNX file's sha256, the precision, the profile, the plan's
-own sha256 and the model card. The cache key is the sha256 of everything that decides the plan's bytes
-(ONNX sha256, TensorRT module and version, target GPU, precision, profile).
-
 Imports: cuda-bindings (lazily); `core.errors`, `core.host`, `io.atomic`, `onnx_file`, `step_graph`. Never torch.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
@@ -31,6 +23,15 @@ from ..core.errors import BackendError, ModelFileError, UsageError
 from ..core.host import user_cache_dir
 from .onnx_file import inspect_onnx
 from .step_graph import STEP_INPUTS, STEP_OUTPUT
+
+# A plan is built from an exported step graph (`export --precision`): the network is strongly typed, so the
+# ONNX file's own types (fp32, or convolutions and matmuls in fp16/bf16) are the plan's precision; one
+# optimization profile spans the batch axis (1 .. max batch); `tensorrt` keeps a timing cache per version and GPU
+# (TensorRT-RTX has none: its timing-cache calls are no-ops). The sidecar `<plan>.json` records the TensorRT
+# module and version, the GPU name and compute capability the plan was built for (TensorRT-RTX on a machine
+# without a GPU builds a portable plan: gpu null), the ONNX file's sha256, the precision, the profile, the plan's
+# own sha256 and the model card. The cache key is the sha256 of everything that decides the plan's bytes
+# (ONNX sha256, TensorRT module and version, target GPU, precision, profile).
 
 SIDECAR_FORMAT = "diffseg-tensorrt-plan/1"
 #: Where `ensure_plan` looks for a module, in order; DIFFSEG_TENSORRT=tensorrt_rtx (or tensorrt) picks one.

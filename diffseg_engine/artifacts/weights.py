@@ -7,10 +7,7 @@ numpy API: parsing, bounds and overlap checks are the library's), the weights di
 the file (truncated, trailing bytes, impossible header, not JSON) plus the refusal of files without a card or
 whose tensors do not match the card's digest.
 Imports: numpy, safetensors; `card`, `core.errors`, `io.atomic`. Never torch.
-
-Format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length N, N bytes of JSON
-header ``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}``, then the raw data.
-The model card is stored as JSON in ``__metadata__["diffseg_card"]``.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
@@ -26,6 +23,10 @@ from safetensors.numpy import save as _serialize
 from ..io.atomic import atomic_write
 from .card import CARD_KEY, ModelCard
 from ..core.errors import ModelFileError
+
+# Format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length N, N bytes of JSON
+# header ``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}``, then the raw data.
+# The model card is stored as JSON in ``__metadata__["diffseg_card"]``.
 
 #: dtype names in the digest (safetensors' names; the digest of every file written so far depends on them).
 _DTYPES = {

@@ -3,38 +3,39 @@
 Owns: the stream specification below, `NoiseStreams`, `MemberStream`, `BatchNoise`, and the reference
 implementation `philox4x32` / `normals` in numpy. Device implementations (`noise_device`) follow the same
 specification. Imports: numpy. Never torch.
-
-Specification (diffseg-noise/1)
--------------------------------
-Every normal is a pure function of (seed, case_id, slice, member, draw, element) — no generator state — so
-the noise of a member does not depend on batch size, chunking, member order or the device that draws it.
-
-* Key (2 x uint32), one per (seed, case): the first 8 bytes of
-  sha256(b"diffseg-noise/1" + seed as 8 bytes little-endian + case_key as 8 bytes little-endian), read as
-  two little-endian uint32 (k0, k1); case_key = the first 8 bytes of sha256(case_id in UTF-8), little-endian.
-* Counter (4 x uint32): (c0, c1, c2, c3) = (g, draw, slice, member), where g is the element group (below),
-  `draw` counts a member's draws (0: x_T; 1 + i: the noise z of the i-th step call, in sampling order),
-  `slice` is the slice's index in the prepared volume and `member` the ensemble member. For a fixed key
-  Philox is a bijection of the counter, so no two (group, draw, slice, member) ever share random bits.
-* Generator: Philox4x32-10 (Salmon et al. 2011, Random123): 10 rounds of
-  (c0, c1, c2, c3) <- (hi(M1*c2) ^ c1 ^ k0, lo(M1*c2), hi(M0*c0) ^ c3 ^ k1, lo(M0*c0)),
-  M0 = 0xD2511F53, M1 = 0xCD9E8D57, the key bumped by (0x9E3779B9, 0xBB67AE85) mod 2^32 after each round.
-  Output (x0, x1, x2, x3).
-* Uniforms, exact in float32 (24 bits): u1 = ((x >> 8) + 1) * 2^-24 in (0, 1], u2 = (x' >> 8) * 2^-24 in [0, 1).
-* Box–Muller, basic form, in float64: r = sqrt(-2 ln u1), theta = 2 pi u2, (r cos theta, r sin theta);
-  (x0, x1) -> elements 4g, 4g+1; (x2, x3) -> elements 4g+2, 4g+3; the element index runs row-major over the
-  member's [h, w] map (elements past h*w are dropped). Each value is then rounded to float32 (nearest).
-  |z| <= sqrt(2 * 24 ln 2) = 5.77.
-
-Implementations that compute Box–Muller in float64 agree with this reference to float32 rounding (at most one
-unit in the last place, from the last bit of a float64 log/cos/sin); within one implementation results are
-bit-identical whatever the batch or chunking.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
 import hashlib
 
 import numpy as np
+
+# Specification (diffseg-noise/1)
+# -------------------------------
+# Every normal is a pure function of (seed, case_id, slice, member, draw, element) — no generator state — so
+# the noise of a member does not depend on batch size, chunking, member order or the device that draws it.
+#
+# * Key (2 x uint32), one per (seed, case): the first 8 bytes of
+#   sha256(b"diffseg-noise/1" + seed as 8 bytes little-endian + case_key as 8 bytes little-endian), read as
+#   two little-endian uint32 (k0, k1); case_key = the first 8 bytes of sha256(case_id in UTF-8), little-endian.
+# * Counter (4 x uint32): (c0, c1, c2, c3) = (g, draw, slice, member), where g is the element group (below),
+#   `draw` counts a member's draws (0: x_T; 1 + i: the noise z of the i-th step call, in sampling order),
+#   `slice` is the slice's index in the prepared volume and `member` the ensemble member. For a fixed key
+#   Philox is a bijection of the counter, so no two (group, draw, slice, member) ever share random bits.
+# * Generator: Philox4x32-10 (Salmon et al. 2011, Random123): 10 rounds of
+#   (c0, c1, c2, c3) <- (hi(M1*c2) ^ c1 ^ k0, lo(M1*c2), hi(M0*c0) ^ c3 ^ k1, lo(M0*c0)),
+#   M0 = 0xD2511F53, M1 = 0xCD9E8D57, the key bumped by (0x9E3779B9, 0xBB67AE85) mod 2^32 after each round.
+#   Output (x0, x1, x2, x3).
+# * Uniforms, exact in float32 (24 bits): u1 = ((x >> 8) + 1) * 2^-24 in (0, 1], u2 = (x' >> 8) * 2^-24 in [0, 1).
+# * Box–Muller, basic form, in float64: r = sqrt(-2 ln u1), theta = 2 pi u2, (r cos theta, r sin theta);
+#   (x0, x1) -> elements 4g, 4g+1; (x2, x3) -> elements 4g+2, 4g+3; the element index runs row-major over the
+#   member's [h, w] map (elements past h*w are dropped). Each value is then rounded to float32 (nearest).
+#   |z| <= sqrt(2 * 24 ln 2) = 5.77.
+#
+# Implementations that compute Box–Muller in float64 agree with this reference to float32 rounding (at most one
+# unit in the last place, from the last bit of a float64 log/cos/sin); within one implementation results are
+# bit-identical whatever the batch or chunking.
 
 SPEC = "diffseg-noise/1"
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)

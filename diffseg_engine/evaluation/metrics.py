@@ -1,37 +1,10 @@
 """Overlap and surface-distance metrics on binary masks, for 2D slices (pixels) and 3D volumes (mm).
 
 Owns: `dice`, `jaccard`, `hd95` (the reported HD95), `hd95_directed_max`, `hd95_both`, `surface`,
-`surface_distances`, `nanmean`,
-and the empty-mask policy (`EmptyPolicy`, `BRATS`, `NAN`, `get_policy`).
-
-Definitions (masks are boolean; anything non-zero counts as foreground):
-
-* Dice = 2|P∩G| / (|P|+|G|); Jaccard = |P∩G| / |P∪G|.
-* Surface of a mask M (medpy 0.5.2 ``__surface_distances``): ``M XOR binary_erosion(M, S, iterations=1)``
-  with ``S = generate_binary_structure(ndim, 1)`` (face connectivity -- the *cross*, not the full 3^n
-  cube: medpy's ``hd95`` defaults to ``connectivity=1``) and scipy's default ``border_value=0``, so mask
-  voxels on the array edge are surface voxels.
-* Directed surface distances A->B: for every surface voxel of A, the Euclidean distance (``sampling =
-  spacing``, i.e. in mm) to the nearest surface voxel of B (``distance_transform_edt(~surface(B))``).
-* `hd95` (medpy definition, the one this tool reports): ``numpy.percentile(concat(d(A->B), d(B->A)), 95)``
-  -- the 95th percentile (linear interpolation) of the *pooled* distances of both directions.
-* `hd95_directed_max` (MONAI ``compute_hausdorff_distance(percentile=95, directed=False)`` style):
-  ``max(percentile(d(A->B), 95), percentile(d(B->A), 95))``. For realistic masks it is >= the medpy
-  value (95 % of each direction lies below the larger directed percentile, so 95 % of the pool does);
-  with linear interpolation on a handful of distances this can fail by a fraction of a voxel.
-
-Both are computed on the bounding box of P∪G grown by one voxel, which gives exactly the full-array values
-(every surface voxel and its erosion neighbourhood lies inside that box; box faces on the array edge keep
-scipy's zero border) at a fraction of the cost.
-
-Empty masks: the metrics are undefined when a mask is empty; an `EmptyPolicy` says what to return.
-`BRATS` (default, the BraTS challenge convention): both empty -> Dice 1, Jaccard 1, HD95 0; exactly one
-empty -> Dice 0, Jaccard 0, HD95 373.13 mm (the diagonal of the BraTS 240x240x155 1 mm grid, the value
-the BraTS evaluation assigns). `NAN`: an undefined value is NaN (both empty -> Dice/Jaccard/HD95 NaN; one
-empty -> Dice 0 and Jaccard 0, which are well defined, HD95 NaN); NaN is excluded from means, as the paper
-(Wolleb et al. 2022, Table 1) does for the HD95 of empty predictions.
+`surface_distances`, `nanmean` and the empty-mask policy (`EmptyPolicy`, `BRATS`, `NAN`, `get_policy`).
 
 Imports: numpy, scipy. Never torch.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
@@ -41,6 +14,33 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+# Definitions (masks are boolean; anything non-zero counts as foreground):
+#
+# * Dice = 2|P∩G| / (|P|+|G|); Jaccard = |P∩G| / |P∪G|.
+# * Surface of a mask M (medpy 0.5.2 ``__surface_distances``): ``M XOR binary_erosion(M, S, iterations=1)``
+#   with ``S = generate_binary_structure(ndim, 1)`` (face connectivity -- the *cross*, not the full 3^n
+#   cube: medpy's ``hd95`` defaults to ``connectivity=1``) and scipy's default ``border_value=0``, so mask
+#   voxels on the array edge are surface voxels.
+# * Directed surface distances A->B: for every surface voxel of A, the Euclidean distance (``sampling =
+#   spacing``, i.e. in mm) to the nearest surface voxel of B (``distance_transform_edt(~surface(B))``).
+# * `hd95` (medpy definition, the one this tool reports): ``numpy.percentile(concat(d(A->B), d(B->A)), 95)``
+#   -- the 95th percentile (linear interpolation) of the *pooled* distances of both directions.
+# * `hd95_directed_max` (MONAI ``compute_hausdorff_distance(percentile=95, directed=False)`` style):
+#   ``max(percentile(d(A->B), 95), percentile(d(B->A), 95))``. For realistic masks it is >= the medpy
+#   value (95 % of each direction lies below the larger directed percentile, so 95 % of the pool does);
+#   with linear interpolation on a handful of distances this can fail by a fraction of a voxel.
+#
+# Both are computed on the bounding box of P∪G grown by one voxel, which gives exactly the full-array values
+# (every surface voxel and its erosion neighbourhood lies inside that box; box faces on the array edge keep
+# scipy's zero border) at a fraction of the cost.
+#
+# Empty masks: the metrics are undefined when a mask is empty; an `EmptyPolicy` says what to return.
+# `BRATS` (default, the BraTS challenge convention): both empty -> Dice 1, Jaccard 1, HD95 0; exactly one
+# empty -> Dice 0, Jaccard 0, HD95 373.13 mm (the diagonal of the BraTS 240x240x155 1 mm grid, the value
+# the BraTS evaluation assigns). `NAN`: an undefined value is NaN (both empty -> Dice/Jaccard/HD95 NaN; one
+# empty -> Dice 0 and Jaccard 0, which are well defined, HD95 NaN); NaN is excluded from means, as the paper
+# (Wolleb et al. 2022, Table 1) does for the HD95 of empty predictions.
 
 #: HD95 the BraTS evaluation assigns when exactly one of prediction / ground truth is empty (mm).
 BRATS_EMPTY_HD95 = 373.13

@@ -6,23 +6,8 @@ axial stack [S, h, w] cut from it), `check_orientation`, `input_orientation` (ni
 affine), `lr_network_axis` (which network axis is left-right), `needs_resampling` / `resampled_size` /
 `resample_axis` (linear in-plane resampling with the inverse mapping) and the tolerances below.
 
-Orientation: the card names the canonical voxel orientation as nibabel axis codes (``"LPS"``: voxel axis 0
-runs to the patient's Left, 1 to Posterior, 2 to Superior, as BraTS stores its volumes). An input's own
-codes come from its affine (`nibabel.orientations.io_orientation`, the nearest axis-aligned orientation), the
-array is flipped/transposed to the canonical codes (`ornt_transform` + `apply_orientation`, exact: no
-interpolation) and the canonical S (or I) axis moves to the front. The inverse transposes and flips back, so
-a map comes back on the input's voxels exactly. A 2D slice ([X, Y, 1]) is axial by definition: its axis 2 is
-S and its in-plane codes come from the x/y (R-L, A-P) components of its first two affine columns.
-Orientation ``""`` means "the array as stored": no reorientation, the axial axis is the voxel axis closest to
-superior-inferior (`slice_axis`) moved to the front, the other two kept in order (models converted from the
-paper's code, whose loader used the arrays as stored).
-
-Spacing: the in-plane spacing of each stack axis is the length of its affine column (mm). An axis whose
-spacing differs from the card's `spacing_mm` by more than `SPACING_TOLERANCE` (relative) is resampled to
-exactly `spacing_mm` (linear, with a Gaussian anti-aliasing pre-filter when shrinking); the new grid keeps the
-centre of the field of view where it was. An axis within the tolerance is used as it is (no interpolation).
-
 Imports: nibabel, numpy, scipy (lazily); `core.errors`. Never torch.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
@@ -33,6 +18,22 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from ..core.errors import InputImageError, UsageError
+
+# Orientation: the card names the canonical voxel orientation as nibabel axis codes (``"LPS"``: voxel axis 0
+# runs to the patient's Left, 1 to Posterior, 2 to Superior, as BraTS stores its volumes). An input's own
+# codes come from its affine (`nibabel.orientations.io_orientation`, the nearest axis-aligned orientation), the
+# array is flipped/transposed to the canonical codes (`ornt_transform` + `apply_orientation`, exact: no
+# interpolation) and the canonical S (or I) axis moves to the front. The inverse transposes and flips back, so
+# a map comes back on the input's voxels exactly. A 2D slice ([X, Y, 1]) is axial by definition: its axis 2 is
+# S and its in-plane codes come from the x/y (R-L, A-P) components of its first two affine columns.
+# Orientation ``""`` means "the array as stored": no reorientation, the axial axis is the voxel axis closest to
+# superior-inferior (`slice_axis`) moved to the front, the other two kept in order (models converted from the
+# paper's code, whose loader used the arrays as stored).
+#
+# Spacing: the in-plane spacing of each stack axis is the length of its affine column (mm). An axis whose
+# spacing differs from the card's `spacing_mm` by more than `SPACING_TOLERANCE` (relative) is resampled to
+# exactly `spacing_mm` (linear, with a Gaussian anti-aliasing pre-filter when shrinking); the new grid keeps the
+# centre of the field of view where it was. An axis within the tolerance is used as it is (no interpolation).
 
 #: In-plane spacing differing from the card's by at most this fraction is used as it is (no resampling).
 SPACING_TOLERANCE = 0.05

@@ -3,30 +3,8 @@
 Owns: the field-of-view checks (`check_plane`, `check_brain_window`), intensity normalisation, in-plane
 centre crop / zero pad, area-average downsampling, bilinear upsampling, `prepare_geometry` /
 `prepare_case` / `restore` / `prepare_map` / `prepare_label` and the `Geometry` that links them.
-Reorientation and in-plane resampling live in `geometry` (nibabel.orientations, scipy.ndimage). The
-pipeline, for a case of modality volumes on one grid (3D [X, Y, Z]; a 2D slice is [X, Y, 1]) and the card's
-`Preprocessing`:
-
-1. canonical geometry (`geometry.axial_frame`): every volume is reoriented (flips and transposes only) to
-   the card's `orientation` (e.g. "LPS") and its S axis moved to the front, giving the axial stack
-   [S, h, w] (for LPS: [S, L, P]); orientation "" uses the array as stored (the axis closest to
-   superior-inferior moves to the front).
-2. field of view (`check_plane`, `check_brain_window`), before any voxel is normalised: the in-plane field
-   of view in mm must lie within `FOV_RANGE` of the crop window (crop_size x spacing_mm mm), and no more
-   than `BRAIN_OUTSIDE_TOLERANCE` of the brain voxels may fall outside that window; otherwise
-   `InputImageError` (nothing is cropped away silently).
-3. `normalise_intensity` (per modality, over the whole volume).
-4. keep the slices that contain brain (any modality non-zero).
-5. in-plane resampling to `spacing_mm` of each axis whose spacing differs by more than
-   `geometry.SPACING_TOLERANCE` (linear, centred; BraTS 1 mm data are never resampled).
-6. `centre_crop` to crop_size x crop_size (crop at (n - crop)//2, zero pad at (crop - n)//2 per axis).
-7. `downsample` by area averaging.
-
-`restore` inverts 7-1 for a map: bilinear `upsample` (half-pixel centres, edge clamped, so a constant map
-stays exactly that constant), `uncrop` (zeros outside the crop window), linear resampling back onto the
-input's in-plane grid (same world positions), zeros on unprocessed slices and outside the brain mask, and
-the inverse reorientation onto the input's exact voxel order and shape. Without resampling every step but
-the up/downsampling is exact.
+Reorientation and in-plane resampling live in `geometry`.
+Definitions and conventions (the pipeline, step by step, and its inverse): the comment below the imports.
 Imports: numpy; `artifacts.card`, `core.errors`, `geometry`. Never torch.
 """
 from __future__ import annotations
@@ -40,6 +18,31 @@ import numpy as np
 from . import geometry as G
 from ..artifacts.card import Preprocessing
 from ..core.errors import CropWindowError, InputImageError, UsageError
+
+# Reorientation and in-plane resampling live in `geometry` (nibabel.orientations, scipy.ndimage). The
+# pipeline, for a case of modality volumes on one grid (3D [X, Y, Z]; a 2D slice is [X, Y, 1]) and the card's
+# `Preprocessing`:
+#
+# 1. canonical geometry (`geometry.axial_frame`): every volume is reoriented (flips and transposes only) to
+#    the card's `orientation` (e.g. "LPS") and its S axis moved to the front, giving the axial stack
+#    [S, h, w] (for LPS: [S, L, P]); orientation "" uses the array as stored (the axis closest to
+#    superior-inferior moves to the front).
+# 2. field of view (`check_plane`, `check_brain_window`), before any voxel is normalised: the in-plane field
+#    of view in mm must lie within `FOV_RANGE` of the crop window (crop_size x spacing_mm mm), and no more
+#    than `BRAIN_OUTSIDE_TOLERANCE` of the brain voxels may fall outside that window; otherwise
+#    `InputImageError` (nothing is cropped away silently).
+# 3. `normalise_intensity` (per modality, over the whole volume).
+# 4. keep the slices that contain brain (any modality non-zero).
+# 5. in-plane resampling to `spacing_mm` of each axis whose spacing differs by more than
+#    `geometry.SPACING_TOLERANCE` (linear, centred; BraTS 1 mm data are never resampled).
+# 6. `centre_crop` to crop_size x crop_size (crop at (n - crop)//2, zero pad at (crop - n)//2 per axis).
+# 7. `downsample` by area averaging.
+#
+# `restore` inverts 7-1 for a map: bilinear `upsample` (half-pixel centres, edge clamped, so a constant map
+# stays exactly that constant), `uncrop` (zeros outside the crop window), linear resampling back onto the
+# input's in-plane grid (same world positions), zeros on unprocessed slices and outside the brain mask, and
+# the inverse reorientation onto the input's exact voxel order and shape. Without resampling every step but
+# the up/downsampling is exact.
 
 log = logging.getLogger(__name__)
 

@@ -3,22 +3,7 @@ its score, computed exactly as the challenge's own scorer does.
 
 Owns: `binary_entropy`, `uncertainty_map` (the 0-100 map this engine submits), `submission_paths`,
 `label_map` and `score` / `QuBratsScore`. Imports: numpy; `outputs`. Never torch.
-
-The scorer is `BraTS_Seg_Uncertainty.py` of github.com/RagMeh11/QU-BraTS (the challenge organisers' code):
-* uncertainty maps hold values in [0, 100]; 0 = certain, 100 = most uncertain;
-* for each threshold th, voxels with uncertainty > th are filtered out (`unc_mask[u > th] = 0`);
-* Dice(th) is computed on the kept voxels of the *whole grid* (both filtered masks empty -> 1);
-* FTP(th) = (TP_before - TP_after) / (TP_before + eps) and FTN(th) likewise, where TP and TN are counted
-  inside the brain mask only (brain = an image > 0), eps = float32 machine epsilon;
-* each curve's AUC is sklearn's trapezoidal `auc(thresholds, curve) / 100`;
-* the challenge's thresholds are 0, 25, 50, 75 and 100 (the script's `np.arange(0, 100 + eps, 100 /
-  num_points)` with num_points = 4; the script's command-line default of 40 points is also accepted here).
-  The script adds a float32 eps: under numpy 1.x, when the challenge ran, the sum is float64 and 100 is a
-  threshold; under numpy >= 2 (NEP 50) it is float32, 100.0 + eps == 100.0, and np.arange drops the 100
-  threshold. This module follows the challenge (100 included; measured: numpy 2.4 gives [0, 25, 50, 75]);
-* per region, score = (AUC_Dice + (1 - AUC_FTP) + (1 - AUC_FTN)) / 3 (Mehta et al., section 2); the challenge
-  averages it over whole tumour, tumour core and enhancing tumour. This engine models the whole tumour
-  only: its score is the whole-tumour score, not the challenge's three-region average.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
@@ -28,6 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from .outputs import SUBMISSION_KEYS, output_paths
+
+# The scorer is `BraTS_Seg_Uncertainty.py` of github.com/RagMeh11/QU-BraTS (the challenge organisers' code):
+# * uncertainty maps hold values in [0, 100]; 0 = certain, 100 = most uncertain;
+# * for each threshold th, voxels with uncertainty > th are filtered out (`unc_mask[u > th] = 0`);
+# * Dice(th) is computed on the kept voxels of the *whole grid* (both filtered masks empty -> 1);
+# * FTP(th) = (TP_before - TP_after) / (TP_before + eps) and FTN(th) likewise, where TP and TN are counted
+#   inside the brain mask only (brain = an image > 0), eps = float32 machine epsilon;
+# * each curve's AUC is sklearn's trapezoidal `auc(thresholds, curve) / 100`;
+# * the challenge's thresholds are 0, 25, 50, 75 and 100 (the script's `np.arange(0, 100 + eps, 100 /
+#   num_points)` with num_points = 4; the script's command-line default of 40 points is also accepted here).
+#   The script adds a float32 eps: under numpy 1.x, when the challenge ran, the sum is float64 and 100 is a
+#   threshold; under numpy >= 2 (NEP 50) it is float32, 100.0 + eps == 100.0, and np.arange drops the 100
+#   threshold. This module follows the challenge (100 included; measured: numpy 2.4 gives [0, 25, 50, 75]);
+# * per region, score = (AUC_Dice + (1 - AUC_FTP) + (1 - AUC_FTN)) / 3 (Mehta et al., section 2); the challenge
+#   averages it over whole tumour, tumour core and enhancing tumour. This engine models the whole tumour
+#   only: its score is the whole-tumour score, not the challenge's three-region average.
 
 #: The challenge's uncertainty thresholds (num_points = 4 in the organisers' scorer).
 THRESHOLDS = (0.0, 25.0, 50.0, 75.0, 100.0)
