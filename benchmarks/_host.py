@@ -1,6 +1,8 @@
-"""Shared by the benchmark scripts: how busy the shared machine was while they measured."""
+"""Shared by the benchmark scripts: the one description of the machine they measured on (`host_info`,
+`host_line`) and how busy that shared machine was meanwhile (`cpu_busy_s`, `own_cpu_s`)."""
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import resource
@@ -19,8 +21,10 @@ def own_cpu_s() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def cpu_info() -> dict:
-    """The processor every result file names: host, model, family, SIMD flags that matter here, cores, Python."""
+def host_info() -> dict:
+    """The machine every result file names: host, processor (model, family, the SIMD flags that matter here),
+    logical CPUs, memory, Python, numpy (and its BLAS), onnxruntime and torch (and its threads) where installed,
+    the CUDA device where torch sees one, and the load average now."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -31,6 +35,38 @@ def cpu_info() -> dict:
         pass
     flags = fields.get("flags", "").split()
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return {"host": platform.node(), "cpu": fields.get("model name", platform.processor() or "?"),
+    info = {"host": platform.node(), "cpu": fields.get("model name", platform.processor() or "?"),
             "cpu_family": fields.get("cpu family", "?"), "simd_flags": simd, "simd": " ".join(simd),
-            "logical_cpus": os.cpu_count(), "python": platform.python_version()}
+            "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_avg_at_start": os.getloadavg()[0]}
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    import numpy as np
+    info["numpy"], info["numpy_blas"] = np.__version__, "?"
+    try:
+        b = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+        info["numpy_blas"] = f"{b.get('name', '?')} {b.get('version', '')}".strip()
+    except Exception:  # older numpy: no dict mode
+        pass
+    for name in ("onnxruntime", "torch"):
+        try:
+            info[name] = importlib.import_module(name).__version__
+        except ImportError:
+            info[name] = "not installed"
+    if info["torch"] != "not installed":
+        import torch
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def host_line(info: dict | None = None) -> str:
+    """`host_info` in one line, for a result file's "Machine:"."""
+    m = info or host_info()
+    torch = f", torch {m['torch']}" + (f" ({m['torch_threads']} threads)" if "torch_threads" in m else "")
+    return (f"{m['host']} — {m.get('gpu') or m['cpu']}, {m['logical_cpus']} logical CPUs, Python {m['python']}"
+            f"{torch}, onnxruntime {m['onnxruntime']}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _host import cpu_busy_s, cpu_info, own_cpu_s  # noqa: E402
+from _host import cpu_busy_s, host_info, own_cpu_s  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,12 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 def run_case(case_dir: Path, backend, plan, size, batch_size: int, seed: int) -> dict:
     """One `segment_case` run into a temporary folder: maps, provenance, wall and CPU times, and how busy the
     whole machine was meanwhile (other processes share these cores)."""
-    from diffseg_engine.segment import resolve_case, segment_case
+    from diffseg_engine.pipeline.options import RunSettings
+    from diffseg_engine.pipeline.segment import resolve_case, segment_case
     t0, cpu0, busy0 = time.perf_counter(), own_cpu_s(), cpu_busy_s()
     case = resolve_case([case_dir], [], backend.card)
     with tempfile.TemporaryDirectory(prefix="adaptive-") as tmp:
-        res = segment_case(case, backend, Path(tmp), n=size, plan=plan, seed=seed, batch_size=batch_size,
-                           quiet=True, overview=False, command="benchmarks/adaptive_ensemble.py")
+        res = segment_case(case, backend, Path(tmp), RunSettings(n=size, plan=plan, seed=seed, batch_size=batch_size,
+                                                                 overview=False),
+                           quiet=True, command="benchmarks/adaptive_ensemble.py")
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "sampling_s": res.provenance["timings"]["sampling_s"],
             "cpu_s": own_cpu_s() - cpu0, "others_busy_cores": max(0.0, (cpu_busy_s() - busy0 - (own_cpu_s() - cpu0))
@@ -49,12 +51,12 @@ def run_case(case_dir: Path, backend, plan, size, batch_size: int, seed: int) ->
 
 def warm_up(backend, plan) -> None:
     """A few untimed engine calls at the CPU default batch size (32) before anything is measured."""
-    from diffseg_engine.noise import NoiseStreams
-    from diffseg_engine.sampler import sample_ensemble
+    from diffseg_engine.core.noise import NoiseStreams
+    from diffseg_engine.sampling.sampler import sample_ensemble
     card = backend.card
     images = np.zeros((32, len(card.modalities), card.image_size, card.image_size), np.float32)
     backend.allocate(32)
-    sample_ensemble(backend.infer, images, members=1, plan=plan, streams=NoiseStreams(0, "warm-up"),
+    sample_ensemble(backend.run_chunk, images, members=1, plan=plan, streams=NoiseStreams(0, "warm-up"),
                     slice_ids=np.arange(32), card=card, batch_size=32)
 
 
@@ -76,11 +78,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
 
-    from diffseg_engine.metrics import dice
-    from diffseg_engine.nifti_io import load_image
-    from diffseg_engine.options import ensemble_size
-    from diffseg_engine.sampler import chosen_plan
-    from diffseg_engine.segment import default_model, open_model
+    from diffseg_engine.evaluation.metrics import dice
+    from diffseg_engine.io.nifti_io import load_image
+    from diffseg_engine.pipeline.options import ensemble_size
+    from diffseg_engine.sampling.sampler import chosen_plan
+    from diffseg_engine.pipeline.models import default_model, open_model
 
     M = args.n_max
     auto = ensemble_size("auto", n_max=M, n_min=args.n_min, n_step=args.n_step, n_tol=args.n_tol)
@@ -143,7 +145,7 @@ def main() -> None:
     tot = {k: sum(r[k] for r in rows) for k in ("members_fixed", "members_auto", "sampling_s_fixed",
                                                  "sampling_s_auto", "wall_s_fixed", "wall_s_auto", "cpu_s_fixed",
                                                  "cpu_s_auto")}
-    info = cpu_info()
+    info = host_info()
     result = {"command": command, "model": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
               "plan": plan.describe(), "fixed_n": M, "auto": auto.describe(), "batch_size": args.batch_size,
               "seed": args.seed, "threads": args.threads or os.cpu_count(), "host": info,

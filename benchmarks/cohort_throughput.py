@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _host import cpu_busy_s, cpu_info  # noqa: E402
+from _host import cpu_busy_s, host_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def tiny_model(folder: Path) -> Path:
     from diffseg_engine.train.perturb import perturbed
     from diffseg_engine.train.presets import build_card, get_preset
     from diffseg_engine.train.unet import UNetModel
-    from diffseg_engine.weights import save_weights
+    from diffseg_engine.artifacts.weights import save_weights
     card = build_card(get_preset("tiny"), ("flair",), name="bench-tiny")
     net = perturbed(UNetModel(card.architecture), seed=0)
     w = folder / "tiny.safetensors"
@@ -84,7 +84,7 @@ def main() -> None:
     outs = [tmp / "one", tmp / "parts"] + ([] if args.no_ray else [tmp / "ray"])
     blobs = [{p.name: p.read_bytes() for p in sorted(o.glob("*.nii.gz"))} for o in outs]
     identical = all(b == blobs[0] for b in blobs) and len(blobs[0]) == 3 * len(ids)
-    info = cpu_info()
+    info = host_info()
     cmd = "nice -n 19 .venv/bin/python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])
     lines = [f"# Cohort throughput ({args.tag})", "", f"Command: `{cmd}`", "",
              f"Machine: {info}", "",

@@ -36,31 +36,18 @@ from pathlib import Path
 
 import numpy as np
 
-from _host import cpu_busy_s, cpu_info, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-from diffseg_engine.noise import NoiseStreams
-from diffseg_engine.preprocess import PreparedCase
-from diffseg_engine.sampler import SamplingPlan, plan_sampling, sample_ensemble
-from diffseg_engine.segment import (DEMO_INPUT, DEFAULT_MODEL_DIR, default_batch_size, open_model, resolve_case,
-                                    segment_case)
-from diffseg_engine.weights import file_sha256
+from _host import cpu_busy_s, host_info, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from diffseg_engine.core.noise import NoiseStreams
+from diffseg_engine.inputs.preprocess import PreparedCase
+from diffseg_engine.sampling.sampler import SamplingPlan, plan_sampling, sample_ensemble
+from diffseg_engine.pipeline.options import RunSettings
+from diffseg_engine.pipeline.segment import resolve_case, segment_case
+from diffseg_engine.pipeline.core import default_batch_size
+from diffseg_engine.pipeline.models import DEMO_INPUT, DEFAULT_MODEL_DIR, open_model
+from diffseg_engine.artifacts.weights import file_sha256
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
-
-def machine() -> dict:
-    d = {**cpu_info(), "numpy": np.__version__, "onnxruntime": __import__("onnxruntime").__version__}
-    try:
-        import torch
-        d["torch"] = f"{torch.__version__} ({torch.get_num_threads()} threads)"
-    except ImportError:
-        d["torch"] = "not installed"
-    try:
-        with open("/proc/meminfo") as f:
-            d["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return d
-
 
 def snapshot() -> tuple[float, float, float]:
     return time.perf_counter(), cpu_busy_s(), own_cpu_s()
@@ -146,8 +133,8 @@ def p6_child(spec: dict) -> None:
     if spec["n"] > 0:
         plan = first_steps(plan_sampling(card, "ddpm", spec["steps"]), 1)
         with tempfile.TemporaryDirectory() as tmp:
-            segment_case(case, backend, Path(tmp), n=spec["n"], plan=plan, seed=0, batch_size=bs,
-                         overwrite=True, quiet=True, overview=False)
+            segment_case(case, backend, Path(tmp), RunSettings(n=spec["n"], plan=plan, seed=0, batch_size=bs,
+                                                               overwrite=True, overview=False), quiet=True)
     out["wall_s"] = time.perf_counter() - t0
     out["vmhwm_kib"] = vm_hwm_kib()
     out["ru_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -212,7 +199,7 @@ def main() -> None:
     t_start = time.perf_counter()
     snap0 = snapshot()
     others: dict[str, float] = {}
-    res: dict = {"command": cmd, "machine": machine(), "load_avg_start": os.getloadavg(),
+    res: dict = {"command": cmd, "machine": host_info(), "load_avg_start": os.getloadavg(),
                  "model": str(args.model), "model_sha256": file_sha256(args.model), "case": str(args.case)}
 
     t0 = time.perf_counter()
@@ -245,7 +232,7 @@ def main() -> None:
         default_threads = torch.get_num_threads()
         from diffseg_engine.train.reference import reference_sample
         from diffseg_engine.train.step import build_step
-        from diffseg_engine.weights import load_weights
+        from diffseg_engine.artifacts.weights import load_weights
         tensors, wcard = load_weights(args.weights)
         if wcard.weights_sha256 != card.weights_sha256:
             sys.exit(f"error: {args.weights} and {args.model} are not the same weights")
@@ -275,8 +262,9 @@ def main() -> None:
         def engine_run(rnd: int, k: int) -> dict:
             with tempfile.TemporaryDirectory() as tmp, TimedInfer(backend) as ti:
                 t0 = time.perf_counter()
-                segment_case(case, backend, Path(tmp), n=N, plan=first_steps(full_plan, k), seed=0, batch_size=bs,
-                             overwrite=True, quiet=True, overview=False)
+                segment_case(case, backend, Path(tmp), RunSettings(n=N, plan=first_steps(full_plan, k), seed=0,
+                                                                   batch_size=bs, overwrite=True, overview=False),
+                             quiet=True)
                 total = time.perf_counter() - t0
             net = sum(t for _, t in ti.calls)
             print(f"P1 engine: {S} slices x N={N}, {k} steps, batch {bs}: {total:.2f} s "
@@ -381,7 +369,7 @@ def main() -> None:
             bs_ = Ss * n  # one chunk: the batch is every work item
             warm(backend, card, [bs_])
             t0 = time.perf_counter()
-            sample_ensemble(backend.infer, sub.inputs, members=n, plan=first_steps(full_plan, k), streams=streams,
+            sample_ensemble(backend.run_chunk, sub.inputs, members=n, plan=first_steps(full_plan, k), streams=streams,
                             slice_ids=sub.slice_index, card=card, batch_size=bs_)
             return time.perf_counter() - t0
 
@@ -433,7 +421,8 @@ def render(res: dict) -> str:
     m = res["machine"]
     L = [f"# End to end on CPU: P1, P6 and scaling ({res['model_card']}, {res['image_size']}x{res['image_size']})", "",
          f"Machine: {m['host']} — {m['cpu']}, {m['logical_cpus']} logical CPUs, {m.get('mem_total_gib', '?')} GiB, "
-         f"Python {m['python']}, numpy {m['numpy']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}. "
+         f"Python {m['python']}, numpy {m['numpy']}, onnxruntime {m['onnxruntime']}, torch {m['torch']} "
+         f"({m.get('torch_threads', '?')} threads). "
          f"Load average at start {res['load_avg_start'][0]:.2f}, at end {res['load_avg_end'][0]:.2f} (this "
          f"benchmark's own threads included). Total run {res['total_s']:.0f} s. The machine is shared.", "",
          "Other processes kept on average " + ", ".join(f"{v:.2f} cores busy during {k}" for k, v in
@@ -510,7 +499,7 @@ def render(res: dict) -> str:
               "Each row is a fresh process (VmHWM from /proc/self/status): open the ONNX model, load and preprocess "
               "the case, `segment_case(..., overview=False)` with one sampling step (memory does not depend on the "
               "number of steps), maps restored to the input grid and written. N=0: stop after preparing the case. "
-              "\"default\" = `segment.default_batch_size`, which depends on MemAvailable at the start of the process.",
+              "\"default\" = `pipeline.core.default_batch_size`, which depends on MemAvailable at the start of the process.",
               "", "| slices | N | batch | work items | chunks | peak RSS | wall |", "|---|---|---|---|---|---|---|"]
         for r in res["p6"]:
             items = r["slices"] * r["n"]

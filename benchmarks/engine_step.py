@@ -16,23 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _host import cpu_info  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from _host import host_line  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine.backends.ort import OnnxRuntimeBackend
 from diffseg_engine.export.onnx_export import export_network_only, export_onnx
-from diffseg_engine.noise import NoiseStreams
-from diffseg_engine.sampler import plan_sampling, sample_ensemble
+from diffseg_engine.core.noise import NoiseStreams
+from diffseg_engine.sampling.sampler import plan_sampling, sample_ensemble
 from diffseg_engine.train.presets import build_card, get_preset
 from diffseg_engine.train.reference import reference_sample
 from diffseg_engine.train.step import build_step
 from diffseg_engine.train.unet import UNetModel
-from diffseg_engine.weights import load_weights, save_weights
-
-
-def _machine() -> str:
-    c = cpu_info()
-    return (f"{c['host']} — {c['cpu']}, {c['logical_cpus']} logical CPUs, Python {c['python']}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
-            f"{__import__('onnxruntime').__version__}")
+from diffseg_engine.artifacts.weights import load_weights, save_weights
 
 
 def main() -> None:
@@ -67,7 +60,7 @@ def main() -> None:
     t = np.full(B, 500, np.float32)
     net_sess.run(None, {"x": x, "timestep": t})
     streams = NoiseStreams(0, "bench")
-    sample_ensemble(backend.infer, images[:1], members=1, plan=plan_sampling(card, "ddim", 1), streams=streams,
+    sample_ensemble(backend.run_chunk, images[:1], members=1, plan=plan_sampling(card, "ddim", 1), streams=streams,
                     slice_ids=np.arange(1), card=card, batch_size=1)  # warm-up
     net_runs, loop_runs = [], []
     for _ in range(args.rounds):  # interleaved rounds, best of each: the machine is shared and noisy
@@ -76,7 +69,7 @@ def main() -> None:
             net_sess.run(None, {"x": x, "timestep": t})
         net_runs.append((time.perf_counter() - t0) / K)
         t0 = time.perf_counter()
-        sample_ensemble(backend.infer, images, members=1, plan=plan, streams=streams, slice_ids=np.arange(B),
+        sample_ensemble(backend.run_chunk, images, members=1, plan=plan, streams=streams, slice_ids=np.arange(B),
                         card=card, batch_size=B)
         loop_runs.append((time.perf_counter() - t0) / K)
     net_s, loop_s = min(net_runs), min(loop_runs)
@@ -93,7 +86,7 @@ def main() -> None:
     cmd = "python " + " ".join(sys.argv)
     lines = [
         f"# Engine step benchmark ({card.name}, {h}x{h}, batch {B}, {K} DDIM steps, best of {args.rounds})", "",
-        f"Machine: {_machine()}", "", f"Command: `{cmd}`", "",
+        f"Machine: {host_line()}", "", f"Command: `{cmd}`", "",
         "| quantity | value |", "|---|---|",
         f"| bare network (onnxruntime), one call on the batch | {net_s * 1e3:.1f} ms |",
         f"| engine step (network + fused update + noise + bookkeeping) | {loop_s * 1e3:.1f} ms |",

@@ -37,16 +37,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _host import cpu_info  # noqa: E402
+from _host import host_info  # noqa: E402
 from grid_ceiling import empties_by_size, size_bin_labels  # noqa: E402
 from recipe_comparison import binary_entropy, load_case, plan_from_spec, run_baseline, score  # noqa: E402
 
-from diffseg_engine.cases import discover_cases  # noqa: E402
-from diffseg_engine.lesions import DEFAULT_MIN_COMPONENT  # noqa: E402
-from diffseg_engine.noise import NoiseStreams  # noqa: E402
-from diffseg_engine.preprocess import prepare_case, restore, slice_axis  # noqa: E402
-from diffseg_engine.sampler import sample_ensemble  # noqa: E402
-from diffseg_engine.segment import open_model  # noqa: E402
+from diffseg_engine.inputs.cases import discover_cases  # noqa: E402
+from diffseg_engine.maps.lesions import DEFAULT_MIN_COMPONENT  # noqa: E402
+from diffseg_engine.core.noise import NoiseStreams  # noqa: E402
+from diffseg_engine.inputs.preprocess import prepare_case, restore, slice_axis  # noqa: E402
+from diffseg_engine.sampling.sampler import sample_ensemble  # noqa: E402
+from diffseg_engine.pipeline.models import open_model  # noqa: E402
 
 
 def sample_members(eng, plan, case, prepared, n: int, seed: int, batch_size: int) -> tuple[np.ndarray, float]:
@@ -57,7 +57,7 @@ def sample_members(eng, plan, case, prepared, n: int, seed: int, batch_size: int
     def keep(s, m, p):
         probs[s, m] = p
     t0 = time.perf_counter()
-    sample_ensemble(eng.infer, prepared.inputs, members=n, plan=plan, streams=NoiseStreams(seed, case.case_id),
+    sample_ensemble(eng.run_chunk, prepared.inputs, members=n, plan=plan, streams=NoiseStreams(seed, case.case_id),
                     slice_ids=prepared.slice_index, card=eng.card, batch_size=batch_size, on_member=keep)
     return probs, time.perf_counter() - t0
 
@@ -256,7 +256,7 @@ def main(argv=None) -> None:
     for spec in a.model:
         name, rest = spec.split("=", 1)
         results.append(run_model(name, rest, cases, a.n, sizes, a.seed, a.batch_size, a.min_component))
-    host = cpu_info()
+    host = host_info()
     meta = {"command": "python " + " ".join(["benchmarks/ensemble_study.py", *sys.argv[1:]]),
             "machine": f"{host['cpu']}, {host['logical_cpus']} cores", "cases": want, "n": a.n, "seed": a.seed,
             "sizes": sizes}
@@ -275,7 +275,7 @@ def write_record(path: Path, model: str, results: list[dict], meta: dict) -> Non
     """The shipped model's validation record: every row measured on `model`, with its weights' sha256 (the
     card's, which the file's tensors are checked against when loaded), so the record says which weights it
     describes."""
-    from diffseg_engine.backends.base import read_card
+    from diffseg_engine.backends import read_card
     card = read_card(Path(model))
     rows = [r for r in results if r["model"] == model]
     record = {"weights_sha256": card.weights_sha256, "model_name": card.name,

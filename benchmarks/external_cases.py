@@ -21,11 +21,11 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _host import cpu_info  # noqa: E402
+from _host import host_info  # noqa: E402
 
-from diffseg_engine import metrics as M  # noqa: E402
+from diffseg_engine.evaluation import metrics as M  # noqa: E402
 from diffseg_engine.api import Segmenter  # noqa: E402
-from diffseg_engine.lesions import DEFAULT_MIN_COMPONENT, lesion_mask  # noqa: E402
+from diffseg_engine.maps.lesions import DEFAULT_MIN_COMPONENT, lesion_mask  # noqa: E402
 
 CASES = ("TCGA-DU-7294", "TCGA-FG-6692")
 
@@ -34,10 +34,10 @@ def baseline_mean(path: str, flair: nib.Nifti1Image) -> np.ndarray:
     """The deterministic U-Net's sigmoid on the input grid (same preprocessing as the engine)."""
     import torch
 
-    from diffseg_engine.preprocess import prepare_case, restore
+    from diffseg_engine.inputs.preprocess import prepare_case, restore
     from diffseg_engine.train.losses import segmentation_input
     from diffseg_engine.train.unet import UNetModel, load_state_dict_strict
-    from diffseg_engine.weights import load_weights
+    from diffseg_engine.artifacts.weights import load_weights
     tensors, card = load_weights(path)
     net = UNetModel(card.architecture)
     load_state_dict_strict(net, {k: torch.as_tensor(v) for k, v in tensors.items()})
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
                          "algorithms_ml": {k: float(v.sum() * voxel_ml) for k, v in algos.items()},
                          "dice_vs_majority": M.dice(m, vote), "hd95_vs_majority_mm": M.hd95(m, vote, zooms),
                          "dice_vs": {k: M.dice(m, v) for k, v in algos.items()}})
-    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{cpu_info()['cpu']}",
+    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{host_info()['cpu']}",
             "model": a.model or "shipped default", "baseline": a.baseline, "n": a.n}
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))

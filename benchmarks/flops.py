@@ -31,23 +31,11 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _host import cpu_busy_s, cpu_info, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from _host import cpu_busy_s, host_info, own_cpu_s  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 from diffseg_engine.backends.ort import OnnxRuntimeBackend
-from diffseg_engine.segment import DEFAULT_MODEL_DIR
+from diffseg_engine.pipeline.models import DEFAULT_MODEL_DIR
 from diffseg_engine.train.step import build_step
-from diffseg_engine.weights import file_sha256, load_weights
-
-
-def machine() -> dict:
-    blas = "?"
-    try:
-        cfg = np.show_config(mode="dicts")
-        b = cfg.get("Build Dependencies", {}).get("blas", {})
-        blas = f"{b.get('name', '?')} {b.get('version', '')}".strip()
-    except Exception:  # older numpy: no dict mode
-        pass
-    return {**cpu_info(), "numpy": np.__version__, "numpy_blas": blas, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__}
+from diffseg_engine.artifacts.weights import file_sha256, load_weights
 
 
 def best_of(fn, reps: int) -> float:
@@ -161,7 +149,7 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.perf_counter()
     snap0 = (t_start, cpu_busy_s(), own_cpu_s())
-    res = {"command": "python " + " ".join(sys.argv), "machine": machine(), "load_avg_start": os.getloadavg(),
+    res = {"command": "python " + " ".join(sys.argv), "machine": host_info(), "load_avg_start": os.getloadavg(),
            "model": str(args.model), "model_sha256": file_sha256(args.model)}
 
     peaks = [gemm_peak(args.gemm_n, args.gemm_reps)]

@@ -46,8 +46,8 @@ if [ -f "$W/diffusion/model.safetensors" ]; then
     --deadline-s "$LEFT" --out "$W/report" 2>&1 | tail -n 20
   python3 - "$W/diffusion/model.safetensors" "$W/report/model_card.json" <<'EOF'
 import sys
-from diffseg_engine.weights import read_metadata
-from diffseg_engine.card import CARD_KEY
+from diffseg_engine.artifacts.weights import read_metadata
+from diffseg_engine.artifacts.card import CARD_KEY
 open(sys.argv[2], "w").write(read_metadata(sys.argv[1])[CARD_KEY])
 EOF
   split -b 15000000 -d "$W/diffusion/state.safetensors" "$OUT/state.safetensors.part"

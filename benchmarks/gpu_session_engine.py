@@ -66,9 +66,9 @@ class Results:
 
 
 def demo_slices(card, count: int | None = None):
-    from diffseg_engine.nifti_io import load_image
-    from diffseg_engine.preprocess import prepare_case
-    from diffseg_engine.segment import DEMO_INPUT
+    from diffseg_engine.io.nifti_io import load_image
+    from diffseg_engine.inputs.preprocess import prepare_case
+    from diffseg_engine.pipeline.models import DEMO_INPUT
     img = load_image(DEMO_INPUT)
     prep = prepare_case([img.data], img.affine, card.preprocessing)
     x = prep.inputs
@@ -81,18 +81,18 @@ def demo_slices(card, count: int | None = None):
 def parity(res: Results, weights: Path, onnx: Path) -> None:
     from diffseg_engine.backends.ort import OnnxRuntimeBackend
     from diffseg_engine.backends.torch_ref import TorchBackend
-    from diffseg_engine.noise import NoiseStreams
-    from diffseg_engine.sampler import plan_sampling, sample_ensemble
+    from diffseg_engine.core.noise import NoiseStreams
+    from diffseg_engine.sampling.sampler import plan_sampling, sample_ensemble
     gpu = TorchBackend.load(weights, device="cuda")
     cpu = OnnxRuntimeBackend.load(onnx, device="cpu")
     x, pos = demo_slices(gpu.card, 6)
     plan = plan_sampling(gpu.card, "ddpm", 25)
     kw = dict(members=4, plan=plan, streams=NoiseStreams(0, "parity"), slice_ids=pos, card=gpu.card, batch_size=24)
     t = time.perf_counter()
-    a = sample_ensemble(gpu.infer, x, device_loop=gpu.device_loop, **kw).mean
+    a = sample_ensemble(gpu.run_chunk, x, **kw).mean
     t_gpu = time.perf_counter() - t
     t = time.perf_counter()
-    b = sample_ensemble(cpu.infer, x, **kw).mean
+    b = sample_ensemble(cpu.run_chunk, x, **kw).mean
     t_cpu = time.perf_counter() - t
     ma, mb = a > 0.5, b > 0.5
     dice = 2 * (ma & mb).sum() / max(ma.sum() + mb.sum(), 1)
@@ -103,7 +103,7 @@ def parity(res: Results, weights: Path, onnx: Path) -> None:
 
 
 def segment_end_to_end(res: Results, weights: Path, timeout: float = 150) -> None:
-    from diffseg_engine.segment import DEMO_INPUT
+    from diffseg_engine.pipeline.models import DEMO_INPUT
     out = Path(tempfile.mkdtemp())
     cmd = [sys.executable, "-m", "diffseg_engine", "segment", str(DEMO_INPUT), "--model", str(weights),
            "--n", "100", "--backend", "torch", "--device", "cuda", "--out", str(out), "--quiet"]
@@ -130,8 +130,8 @@ def segment_end_to_end(res: Results, weights: Path, timeout: float = 150) -> Non
 
 def engine_vs_eager(res: Results, weights: Path) -> None:
     from diffseg_engine.backends.torch_ref import TorchBackend
-    from diffseg_engine.noise import NoiseStreams
-    from diffseg_engine.sampler import plan_sampling
+    from diffseg_engine.core.noise import NoiseStreams
+    from diffseg_engine.sampling.sampler import plan_sampling
     eng = TorchBackend.load(weights, device="cuda")
     plan = plan_sampling(eng.card, "ddpm", 25)
     x, pos = demo_slices(eng.card, 10)
@@ -168,11 +168,11 @@ def engine_vs_eager(res: Results, weights: Path) -> None:
 
 def paper_preset(res: Results, steps: int = 50) -> dict:
     from diffseg_engine.backends.torch_ref import TorchBackend
-    from diffseg_engine.noise import NoiseStreams
-    from diffseg_engine.sampler import plan_sampling
+    from diffseg_engine.core.noise import NoiseStreams
+    from diffseg_engine.sampling.sampler import plan_sampling
     from diffseg_engine.train.presets import build_card, get_preset
     from diffseg_engine.train.unet import UNetModel
-    from diffseg_engine.weights import save_weights
+    from diffseg_engine.artifacts.weights import save_weights
     card = build_card(get_preset("paper"), ("t1", "t1ce", "t2", "flair"), name="paper-random")
     net = UNetModel(card.architecture)
     path = Path(tempfile.mkdtemp()) / "paper.safetensors"
@@ -222,8 +222,8 @@ def bf16_peak() -> float:
 
 def memory_vs_n(res: Results, weights: Path) -> None:
     from diffseg_engine.backends.torch_ref import TorchBackend
-    from diffseg_engine.noise import NoiseStreams
-    from diffseg_engine.sampler import plan_sampling, sample_ensemble
+    from diffseg_engine.core.noise import NoiseStreams
+    from diffseg_engine.sampling.sampler import plan_sampling, sample_ensemble
     eng = TorchBackend.load(weights, device="cuda")
     x, pos = demo_slices(eng.card, 4)
     plan = plan_sampling(eng.card, "ddpm", 5)
@@ -231,8 +231,8 @@ def memory_vs_n(res: Results, weights: Path) -> None:
     for n in (10, 50, 100, 200):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        sample_ensemble(eng.infer, x, members=n, plan=plan, streams=NoiseStreams(0, "mem"), slice_ids=pos,
-                        card=eng.card, batch_size=128, device_loop=eng.device_loop)
+        sample_ensemble(eng.run_chunk, x, members=n, plan=plan, streams=NoiseStreams(0, "mem"), slice_ids=pos,
+                        card=eng.card, batch_size=128)
         sync()
         rows.append({"n": n, "work_items": n * len(pos), "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)})
     res.put("6_peak_memory_vs_n", {"batch_size": 128, "steps": 5, "rows": rows})
@@ -249,7 +249,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     res = Results(args.out, torch.cuda.get_device_name(0))
-    from diffseg_engine.segment import DEFAULT_MODEL_DIR
+    from diffseg_engine.pipeline.models import DEFAULT_MODEL_DIR
     weights, onnx = DEFAULT_MODEL_DIR / "default.safetensors", DEFAULT_MODEL_DIR / "default.onnx"
     steps = [("parity", lambda: parity(res, weights, onnx), 60),
              ("segment", lambda: segment_end_to_end(res, weights), 90),

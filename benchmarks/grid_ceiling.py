@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _host import cpu_info  # noqa: E402
+from _host import host_info  # noqa: E402
 
-from diffseg_engine import metrics as M  # noqa: E402
-from diffseg_engine.card import Preprocessing  # noqa: E402
-from diffseg_engine.cases import discover_cases  # noqa: E402
+from diffseg_engine.evaluation import metrics as M  # noqa: E402
+from diffseg_engine.artifacts.card import Preprocessing  # noqa: E402
+from diffseg_engine.inputs.cases import discover_cases  # noqa: E402
 from diffseg_engine.evaluation.protocol import slice_scores  # noqa: E402
-from diffseg_engine.nifti_io import load_image  # noqa: E402
-from diffseg_engine.preprocess import prepare_geometry, prepare_map, restore, slice_axis  # noqa: E402
+from diffseg_engine.io.nifti_io import load_image  # noqa: E402
+from diffseg_engine.inputs.preprocess import prepare_geometry, prepare_map, restore, slice_axis  # noqa: E402
 
 #: Lesion-size bins (true tumour voxels in the slice) for the empty-mask count.
 SIZE_BINS = (1, 100, 300, 1000, 10**9)
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         print(case.case_id, {k: {t: round(v[t]["dice_3d"], 4) for t in v} for k, v in res[case.case_id].items()},
               flush=True)
     meta = {"command": "python " + " ".join(["benchmarks/grid_ceiling.py", *sys.argv[1:]]),
-            "machine": f"{cpu_info()['cpu']}, {cpu_info()['logical_cpus']} cores"}
+            "machine": f"{host_info()['cpu']}, {host_info()['logical_cpus']} cores"}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cases": res}, indent=1, default=float))

@@ -1,4 +1,4 @@
-"""Measure every volume under ../shared/data with `diffseg_engine.sanity.measure` and print a Markdown table.
+"""Measure every volume under ../shared/data with `diffseg_engine.inputs.sanity.measure` and print a Markdown table.
 
 The thresholds in `diffseg_engine/sanity.py` were chosen from this table (benchmarks/results/
 input_sanity-measurements.md). Run from the repository root:
@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 
-from diffseg_engine.cases import classify_file
-from diffseg_engine.modality import CLASSES, ModalityGuess
-from diffseg_engine.nifti_io import load_image
-from diffseg_engine.sanity import Measurements, _skull_findings, guess_modality, measure, verdict
+from diffseg_engine.inputs.cases import classify_file
+from diffseg_engine.inputs.modality import CLASSES, ModalityGuess
+from diffseg_engine.io.nifti_io import load_image
+from diffseg_engine.inputs.sanity import Measurements, _skull_findings, guess_modality, measure, verdict
 
 PROBS = [f"p({c})" for c in CLASSES]
 
@@ -26,7 +26,7 @@ def main(data: Path) -> None:
     files = sorted(p for p in data.rglob("*.nii*") if "algorithm-segmentations" not in p.parts)
     cols = list(Measurements.__dataclass_fields__)
     print(f"# Input sanity measurements\n\nEvery image under `{data}` (labels and algorithm outputs left out), "
-          f"measured by `diffseg_engine.sanity.measure` (command: `python benchmarks/input_sanity_measure.py`). "
+          f"measured by `diffseg_engine.inputs.sanity.measure` (command: `python benchmarks/input_sanity_measure.py`). "
           "`p(...)`: the shipped modality classifier's probabilities (not computed for a volume the skull "
           "check refuses). `verdict`: what `sanity.check_volume` says when the volume is given as FLAIR (the "
           "default model's modality) - `ok`, `warn: ...` or `refuse: ...`.\n")

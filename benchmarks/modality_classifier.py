@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from diffseg_engine.modality import CLASSES, ModalityGuess
-from diffseg_engine.sanity import PAIR_LOGODDS, _modality_findings, pair_logodds as _logodds
+from diffseg_engine.inputs.modality import CLASSES, ModalityGuess
+from diffseg_engine.inputs.sanity import PAIR_LOGODDS, _modality_findings, pair_logodds as _logodds
 
 
 def _verdict(guess: ModalityGuess, given: str) -> str:
@@ -30,7 +30,7 @@ def main(root: Path, rows_file: Path) -> None:
     print("Each cohort's volumes are classified by a classifier trained on the other cohorts only (same recipe "
           "and 3000 steps as the shipped `diffseg_engine/models/modality.safetensors`; 2 CPU threads, about 4 min "
           "a cohort). Probabilities: the mean over the volume's 16 classifier slices. `as FLAIR` / `as itself`: "
-          "what `diffseg_engine.sanity` does when the volume is given to a model as FLAIR / as its own modality "
+          "what `diffseg_engine.inputs.sanity` does when the volume is given to a model as FLAIR / as its own modality "
           "(its `PAIR_LOGODDS` thresholds, listed with the ranges they were chosen from at the end).\n")
     print("Commands (the rows: `benchmarks/results/modality_classifier-heldout.json`):\n\n"
           "    python -m diffseg_engine.train.modality heldout ../shared/data "

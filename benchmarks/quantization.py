@@ -14,7 +14,8 @@ this keeps each invocation under ~10 minutes). Every invocation recalibrates and
    variants in `VARIANTS` (int8 or uint8 activations, reduce_range), only Conv and MatMul quantized
    (InstanceNorm, SiLU, the attention softmax and the fused DDPM update stay fp32). The quantized file is opened with a plain `onnxruntime.InferenceSession` (the
    engine's backend checks the exporter's content digest and would refuse a rewritten graph), with the same
-   session options as `OnnxRuntimeBackend.load`, fed exactly as `OnnxRuntimeBackend.infer` feeds.
+   session options as `OnnxRuntimeBackend.load` (`backends.ort.session_options`), fed as the backend feeds
+   (`backends.ort.step_feeds`).
 3. Speed: ms per member-step at each batch size, fp32 vs int8 vs torch eager one member at a time (the
    reference code's way, DDPM), interleaved rounds, best of `--rounds`; then fp32 with other session options.
    bf16: a torch conv of the network's commonest shape in fp32 and bf16.
@@ -39,25 +40,20 @@ from pathlib import Path
 
 import numpy as np
 
-from _host import cpu_info  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-from diffseg_engine import nifti_io, preprocess
-from diffseg_engine.step_graph import STEP_INPUTS, STEP_OUTPUT
-from diffseg_engine.backends.ort import OnnxRuntimeBackend
-from diffseg_engine.cases import find_case
-from diffseg_engine.metrics import dice
-from diffseg_engine.noise import NoiseStreams
-from diffseg_engine.onnx_file import DIGEST_KEY
-from diffseg_engine.sampler import plan_sampling, sample_ensemble
+from _host import host_info  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from diffseg_engine.inputs import preprocess
+from diffseg_engine.io import nifti_io
+from diffseg_engine.artifacts.step_graph import STEP_INPUTS, STEP_OUTPUT
+from diffseg_engine.backends.ort import OnnxRuntimeBackend, session_options, step_feeds
+from diffseg_engine.inputs.cases import find_case
+from diffseg_engine.evaluation.metrics import dice
+from diffseg_engine.core.noise import NoiseStreams
+from diffseg_engine.artifacts.onnx_file import DIGEST_KEY
+from diffseg_engine.sampling.sampler import plan_sampling, sample_ensemble
+from diffseg_engine.core.steps import host_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DIFFSEG_DATA", ROOT.parent / "shared" / "data"))
-
-
-def _machine() -> dict:
-    import onnxruntime as ort
-    import torch
-    return {**cpu_info(), "load_avg_at_start": os.getloadavg()[0], "onnxruntime": ort.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -79,15 +75,9 @@ def tumour_slices(label: np.ndarray, n: int) -> np.ndarray:
     return tum[np.unique(np.round(np.linspace(0, len(tum) - 1, min(n, len(tum)))).astype(int))]
 
 
-def feeds_of(image, x_t, timestep, coef, noise) -> dict:
-    """Exactly what `OnnxRuntimeBackend.infer` passes to session.run."""
-    feeds = {"image": image, "x_t": x_t, "timestep": timestep, "coef": coef, "noise": noise}
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()}
-
-
 def session_step(sess):
     def step(image, x_t, timestep, coef, noise):
-        return sess.run([STEP_OUTPUT], feeds_of(image, x_t, timestep, coef, noise))[0]
+        return sess.run([STEP_OUTPUT], step_feeds(image, x_t, timestep, coef, noise))[0]
     return step
 
 
@@ -96,10 +86,10 @@ def record_trajectory(step, images, card, steps: int, seed: int, case_id: str) -
     rec: list[dict] = []
 
     def recording(image, x_t, timestep, coef, noise):
-        rec.append({k: v.copy() for k, v in feeds_of(image, x_t, timestep, coef, noise).items()})
+        rec.append({k: v.copy() for k, v in step_feeds(image, x_t, timestep, coef, noise).items()})
         return step(image, x_t, timestep, coef, noise)
 
-    sample_ensemble(recording, images, members=1, plan=plan_sampling(card, "ddpm", steps),
+    sample_ensemble(host_runner(recording), images, members=1, plan=plan_sampling(card, "ddpm", steps),
                     streams=NoiseStreams(seed, case_id), slice_ids=np.arange(len(images)), card=card,
                     batch_size=len(images))
     return rec
@@ -181,7 +171,7 @@ def quantize(src: Path, out: Path, calib: list[dict], cache: Path, *, activation
 def optimized_ops(path: Path, tmp: Path) -> dict:
     """Op counts of the graph onnxruntime really runs (after its optimisations and QDQ fusion)."""
     import onnx
-    opts = backend_options()
+    opts = session_options()
     opts.optimized_model_filepath = str(tmp / (path.stem + "-ort-optimized.onnx"))
     make_session(path, opts)
     ops: dict[str, int] = {}
@@ -194,7 +184,7 @@ def optimized_ops(path: Path, tmp: Path) -> dict:
 
 def profile(path: Path, feeds: dict, tmp: Path, runs: int = 2) -> dict:
     """Per-op-type kernel time (ms per run) from onnxruntime's profiler, after one warm-up run."""
-    opts = backend_options()
+    opts = session_options()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(tmp / ("prof-" + path.stem))
     sess = make_session(path, opts)
@@ -216,18 +206,6 @@ def profile(path: Path, feeds: dict, tmp: Path, runs: int = 2) -> dict:
 
 # ---- sessions ------------------------------------------------------------------------------------------
 
-def backend_options(threads: int = 0, **config):
-    """The session options of `OnnxRuntimeBackend.load(..., device="cpu")`, plus config entries."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    opts.log_severity_level = 3
-    for k, v in config.items():
-        opts.add_session_config_entry(k, v)
-    return opts
-
-
 def make_session(path: Path, opts):
     import onnxruntime as ort
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -237,7 +215,7 @@ def option_variants() -> dict:
     import onnxruntime as ort
 
     def v(mutate=None, **config):
-        opts = backend_options(**config)
+        opts = session_options(**config)
         if mutate:
             mutate(opts)
         return opts
@@ -290,7 +268,7 @@ def torch_reference(card, weights: Path):
     import torch
     from diffseg_engine.train.reference import reference_sample
     from diffseg_engine.train.step import build_step
-    from diffseg_engine.weights import load_weights
+    from diffseg_engine.artifacts.weights import load_weights
     tensors, wcard = load_weights(weights)
     if wcard.weights_sha256 and card.weights_sha256 and wcard.weights_sha256 != card.weights_sha256:
         raise SystemExit(f"{weights} is not the weights of the ONNX model")
@@ -350,7 +328,7 @@ def main() -> None:
         md_path.write_text(markdown(json.loads(json_path.read_text()), "torch eager, one member at a time"))
         return
     res: dict = json.loads(json_path.read_text()) if args.merge and json_path.is_file() else {}
-    machine = _machine()
+    machine = host_info()
     cmd = (f"nice -n {os.nice(0)} " if os.nice(0) else "") + "python " + " ".join(sys.argv)
     res["machine"] = {k: v for k, v in machine.items() if k != "load_avg_at_start"}
     res.setdefault("runs", {})
@@ -367,7 +345,7 @@ def main() -> None:
 
     fp32 = OnnxRuntimeBackend.load(args.model, device="cpu")
     card = fp32.card
-    opts = backend_options()
+    opts = session_options()
     res["session_options"] = {"graph_optimization_level": "ORT_ENABLE_ALL",
                               "intra_op_num_threads": opts.intra_op_num_threads, "providers": ["CPUExecutionProvider"]}
 
@@ -491,7 +469,7 @@ def measure_quality(args, card, fp32, sessions, variants) -> dict:
         + [(control, fp32.infer, args.seed + 1)]
     for name, step, seed in runs:
         t0 = time.perf_counter()
-        stats = sample_ensemble(step, eimg[epos], members=args.members, plan=plan, streams=NoiseStreams(seed, eid),
+        stats = sample_ensemble(host_runner(step), eimg[epos], members=args.members, plan=plan, streams=NoiseStreams(seed, eid),
                                 slice_ids=epos, card=card, batch_size=len(epos) * args.members)
         secs = time.perf_counter() - t0
         means[name] = stats.mean

@@ -36,18 +36,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _host import cpu_info  # noqa: E402
+from _host import host_info  # noqa: E402
 
-from diffseg_engine import metrics as M  # noqa: E402
-from diffseg_engine.cases import discover_cases  # noqa: E402
+from diffseg_engine.evaluation import metrics as M  # noqa: E402
+from diffseg_engine.inputs.cases import discover_cases  # noqa: E402
 from diffseg_engine.evaluation.calibration import auroc, binary_entropy  # noqa: E402
 from diffseg_engine.evaluation.protocol import slice_scores  # noqa: E402
-from diffseg_engine.lesions import DEFAULT_MIN_COMPONENT, lesion_mask  # noqa: E402
-from diffseg_engine.nifti_io import load_image  # noqa: E402
-from diffseg_engine.noise import NoiseStreams  # noqa: E402
-from diffseg_engine.preprocess import prepare_case, restore, slice_axis  # noqa: E402
-from diffseg_engine.sampler import chosen_plan, sample_ensemble  # noqa: E402
-from diffseg_engine.segment import open_model  # noqa: E402
+from diffseg_engine.maps.lesions import DEFAULT_MIN_COMPONENT, lesion_mask  # noqa: E402
+from diffseg_engine.io.nifti_io import load_image  # noqa: E402
+from diffseg_engine.core.noise import NoiseStreams  # noqa: E402
+from diffseg_engine.inputs.preprocess import prepare_case, restore, slice_axis  # noqa: E402
+from diffseg_engine.sampling.sampler import chosen_plan, sample_ensemble  # noqa: E402
+from diffseg_engine.pipeline.models import open_model  # noqa: E402
 
 
 def load_case(case, modalities):
@@ -107,7 +107,7 @@ def run_diffusion(path: str, sampler_spec: str | None, cases, n: int, sizes: lis
         def keep(s, m, p):
             probs[s, m] = p
         t0 = time.perf_counter()
-        sample_ensemble(eng.infer, prepared.inputs, members=n, plan=plan, streams=NoiseStreams(seed, case.case_id),
+        sample_ensemble(eng.run_chunk, prepared.inputs, members=n, plan=plan, streams=NoiseStreams(seed, case.case_id),
                         slice_ids=prepared.slice_index, card=card, batch_size=64, on_member=keep)
         dt = time.perf_counter() - t0
         res["sampling_s"] += dt
@@ -129,7 +129,7 @@ def run_baseline(path: str, cases, sizes: list[int], min_component: float) -> di
 
     from diffseg_engine.train.losses import segmentation_input
     from diffseg_engine.train.unet import UNetModel, load_state_dict_strict
-    from diffseg_engine.weights import load_weights
+    from diffseg_engine.artifacts.weights import load_weights
     tensors, card = load_weights(path)
     net = UNetModel(card.architecture)
     load_state_dict_strict(net, {k: torch.as_tensor(v) for k, v in tensors.items()})
@@ -256,7 +256,7 @@ def main(argv=None) -> None:
         results.append(r)
         print(f"{name} {r['plan']}: {json.dumps(r['summary'])}", flush=True)
     meta = {"command": "python " + " ".join([sys.argv[0].split("/work/main/")[-1], *sys.argv[1:]]),
-            "machine": f"{cpu_info()['cpu']}, {cpu_info()['logical_cpus']} cores", "cases": want,
+            "machine": f"{host_info()['cpu']}, {host_info()['logical_cpus']} cores", "cases": want,
             "min_component": a.min_component}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _host import cpu_info  # noqa: E402
+from _host import host_info  # noqa: E402
 
-from diffseg_engine.review import REPORT_NAME, write_review  # noqa: E402
+from diffseg_engine.pipeline.review import REPORT_NAME, write_review  # noqa: E402
 
 
 def make_folder(src: Path, out: Path, n: int) -> None:
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         thumbs = sum(p.stat().st_size for p in (folder / "report_files" / "thumbs").iterdir())
         browser = open_in_chromium(page)
     res = {"n": a.n, "write_cold_s": cold, "write_warm_s": warm, "page_bytes": size, "thumbnail_bytes": thumbs,
-           **browser, "machine": cpu_info()["cpu"], "command": "python " + " ".join(["benchmarks/review_page_scale.py",
+           **browser, "machine": host_info()["cpu"], "command": "python " + " ".join(["benchmarks/review_page_scale.py",
                                                                                      *sys.argv[1:]])}
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))

@@ -7,10 +7,9 @@ What it measures, on the axial slices whose ground truth holds tumour (the paper
   - optionally a deterministic U-Net of the same backbone (`train --objective segmentation`), on the same
     slices and, because it is cheap, on whole volumes too (3D Dice / HD95, BraTS empty-mask policy).
 
-The sampling loop here is the engine's update (`DenoisingStep`: network + posterior step in one module) run
-by PyTorch on any device, every (slice, member) of all cases in one batch per timestep, with noise from a
-seeded torch generator on that device (not the engine's per-member Philox streams: this script compares
-samplers, the engine's parity with this update is tested in tests/test_engine.py). Configurations run in the
+Sampling goes through the engine: `sample_ensemble` on the torch backend's `run_chunk` (its device loop on
+CUDA, the host loop on the CPU), chunks of up to --batch (slice, member) items, the engine's per-member Philox
+noise streams (seed --seed, case key "sampler-comparison"). Configurations run in the
 order given; with --deadline-s, one that would not finish in time (estimated from the measured rate) is
 skipped (or, for DDPM over all steps, run with fewer members) and the report says so.
 
@@ -31,18 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _host import cpu_info  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-from diffseg_engine import metrics as M
-from diffseg_engine.cases import discover_cases
-from diffseg_engine.ensemble import member_probability
+from _host import host_line  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from diffseg_engine.evaluation import metrics as M
+from diffseg_engine.inputs.cases import discover_cases
+from diffseg_engine.backends import open_backend
+from diffseg_engine.core.noise import NoiseStreams
 from diffseg_engine.evaluation.protocol import slice_scores
-from diffseg_engine.nifti_io import load_image
-from diffseg_engine.preprocess import prepare_case, restore
-from diffseg_engine.sampler import plan_sampling
+from diffseg_engine.io.nifti_io import load_image
+from diffseg_engine.inputs.preprocess import prepare_case, restore
+from diffseg_engine.sampling.sampler import plan_sampling, sample_ensemble
 from diffseg_engine.train.losses import segmentation_input
-from diffseg_engine.train.step import build_step
 from diffseg_engine.train.unet import UNetModel, load_state_dict_strict
-from diffseg_engine.weights import load_weights
+from diffseg_engine.artifacts.weights import load_weights
 
 
 @dataclass
@@ -77,37 +76,23 @@ def load_cases(root: str, ids: list[str], card) -> list[ValCase]:
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(backend) -> None:
+    if backend.device.startswith("cuda"):
+        torch.cuda.synchronize(backend.device)
 
 
-@torch.inference_mode()
-def sample_members(step, images: np.ndarray, members: int, plan, device: torch.device, seed: int,
-                   batch: int, low: float, high: float) -> tuple[np.ndarray, float]:
-    """images [S, C, h, w] -> member probabilities [S, members, h, w] float32, and the seconds it took."""
+def sample_members(backend, images: np.ndarray, members: int, plan, seed: int,
+                   batch: int) -> tuple[np.ndarray, float]:
+    """images [S, C, h, w] -> member probabilities [S, members, h, w] float32, and the seconds it took: the
+    engine's sampler (`sample_ensemble` on the backend's `run_chunk`, the engine's Philox noise streams)."""
     S, _, h, w = images.shape
-    img_all = torch.from_numpy(images).to(device)
-    gen = torch.Generator(device).manual_seed(seed)
-    items = [(s, m) for s in range(S) for m in range(members)]
     out = np.empty((S, members, h, w), np.float32)
-    coefs = torch.from_numpy(plan.coefs).to(device)
-    tsteps = torch.from_numpy(plan.timesteps).to(device)
-    _sync(device)
+    _sync(backend)
     t0 = time.perf_counter()
-    for lo in range(0, len(items), batch):
-        chunk = items[lo:lo + batch]
-        B = len(chunk)
-        pos = torch.tensor([s for s, _ in chunk], device=device)
-        img = img_all[pos]
-        x = torch.randn((B, 1, h, w), generator=gen, device=device)
-        for i in range(len(plan.coefs) - 1, -1, -1):
-            z = torch.randn((B, 1, h, w), generator=gen, device=device)
-            x = step(img, x, tsteps[i].expand(B), coefs[i].expand(B, -1), z)
-        prob = member_probability(x[:, 0].double().cpu().numpy(), low, high)
-        for j, (s, m) in enumerate(chunk):
-            out[s, m] = prob[j]
-    _sync(device)
+    sample_ensemble(backend.run_chunk, images, members=members, plan=plan,
+                    streams=NoiseStreams(seed, "sampler-comparison"), slice_ids=np.arange(S), card=backend.card,
+                    batch_size=batch, on_member=lambda s, m, p: out.__setitem__((s, m), p))
+    _sync(backend)
     return out, time.perf_counter() - t0
 
 
@@ -163,27 +148,15 @@ def baseline_scores(path: str, cases: list[ValCase], device: torch.device) -> di
         "dice_nonempty": float(d[ne].mean()) if ne.any() else None}, "volumes": vol}
 
 
-def single_member_rate(step, images: np.ndarray, plan, device: torch.device, n_steps: int = 20) -> float:
+def single_member_rate(backend, images: np.ndarray, plan) -> float:
     """The reference algorithm's shape of work: one member per call. Seconds per step."""
-    img = torch.from_numpy(images[:1]).to(device)
-    x = torch.randn((1, 1) + images.shape[2:], device=device)
-    coefs, ts = torch.from_numpy(plan.coefs).to(device), torch.from_numpy(plan.timesteps).to(device)
-    K = len(ts)
-    with torch.inference_mode():
-        for i in range(3):
-            step(img, x, ts[i % K:i % K + 1], coefs[i % K:i % K + 1], x)
-        _sync(device)
-        t0 = time.perf_counter()
-        for i in range(n_steps):
-            x = step(img, x, ts[i % K:i % K + 1], coefs[i % K:i % K + 1], torch.randn_like(x))
-        _sync(device)
-    return (time.perf_counter() - t0) / n_steps
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{cpu_info()['cpu']} x{torch.get_num_threads()} threads, torch {torch.__version__}"
+    one = np.zeros(1, np.int64)
+    backend.run_chunk(images[:1], one, one, plan.coefs[:3], plan.timesteps[:3], (0, 0))  # warm-up
+    _sync(backend)
+    t0 = time.perf_counter()
+    backend.run_chunk(images[:1], one, one, plan.coefs, plan.timesteps, (0, 0))
+    _sync(backend)
+    return (time.perf_counter() - t0) / len(plan.coefs)
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -238,18 +211,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--save-members", action="store_true", help="also write member maps (uint8 npz) per config")
     a = ap.parse_args(argv)
     t_begin = time.monotonic()
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
+    backend = open_backend("torch", a.model, device=a.device)
+    card = backend.card
+    device = torch.device(backend.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    tensors, card = load_weights(a.model)
-    step = build_step(card, tensors).to(device)
     cases = load_cases(a.data, [c.strip() for c in a.cases.split(",") if c.strip()], card)
     tumour_images = np.concatenate([vc.inputs[vc.tumour_pos] for vc in cases])
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = a.tag or ("gpu" if device.type == "cuda" else "cpu")
-    result = {"machine": _machine(device), "model": str(a.model), "model_steps": card.training.get("steps"),
+    result = {"machine": host_line(), "model": str(a.model), "model_steps": card.training.get("steps"),
               "model_training": card.training, "cases": [vc.case_id for vc in cases],
               "tumour_slices": int(len(tumour_images)), "n": a.n, "seed": a.seed,
               "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
@@ -263,15 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
     if a.baseline:
         result["baseline"] = baseline_scores(a.baseline, cases, device)
         flush()
-    low, high = card.diffusion.mask_low, card.diffusion.mask_high
     S = len(tumour_images)
     sizes = sorted({1, 5, a.n} & set(range(1, a.n + 1)))
     # a short probe at the full batch (it also absorbs the first calls' autotuning) gives the first estimate
     probe = plan_sampling(card, "ddim", 3, 0.0)
-    sample_members(step, tumour_images[:max(1, min(S, a.batch // a.n))], a.n, probe, device, a.seed, a.batch,
-                   low, high)
-    _, secs = sample_members(step, tumour_images[:max(1, min(S, a.batch // a.n))], a.n, probe, device, a.seed,
-                             a.batch, low, high)
+    sample_members(backend, tumour_images[:max(1, min(S, a.batch // a.n))], a.n, probe, a.seed, a.batch)
+    _, secs = sample_members(backend, tumour_images[:max(1, min(S, a.batch // a.n))], a.n, probe, a.seed, a.batch)
     rate = max(1, min(S, a.batch // a.n)) * a.n * 3 / secs  # measured item-steps per second
     for spec in a.configs.split(","):
         sampler, steps, *rest = spec.split(":")  # sampler:steps[:eta]
@@ -290,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                 result["runs"].append(run)
                 flush()
                 continue
-        probs_all, secs = sample_members(step, tumour_images, n, plan, device, a.seed, a.batch, low, high)
+        probs_all, secs = sample_members(backend, tumour_images, n, plan, a.seed, a.batch)
         rate = S * n * steps / secs
         probs, off = [], 0
         for vc in cases:
@@ -306,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"N={k} Dice {s['dice']:.3f}" for k, s in run["scores"].items()), flush=True)
         flush()
     result["throughput"] = {"batch": min(a.batch, S * a.n), "batched_item_steps_per_s": rate,
-                            "single_member_s_per_step": single_member_rate(step, tumour_images, plan, device)}
+                            "single_member_s_per_step": single_member_rate(backend, tumour_images, plan)}
     flush()
     return result
 

@@ -13,7 +13,7 @@ one sample, not one configuration.
 `--agreement STEPS` also trains each precision / layout / compile combination of the first preset that many
 steps from the same seed and reports the validation loss beside that of fp32 with other seeds: a setting
 "changes the result beyond noise" when its difference from fp32 exceeds the spread between seeds.
-The CPU's model and bf16 support are detected (`_host.cpu_info`: avx512_bf16, amx_bf16), never assumed.
+The CPU's model and bf16 support are detected (`_host.host_info`: avx512_bf16, amx_bf16), never assumed.
 Writes OUT.md and OUT.json.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _host import cpu_info  # noqa: E402
+from _host import host_info  # noqa: E402
 
 from diffseg_engine.train.loop import TrainConfig, train  # noqa: E402
 
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
             if c[0] == p0 and c[1:] != ("fp32", "contiguous", "off"):
                 agreement[f"{c[1]} {c[2]} {c[3]} seed 0"] = final_val_loss(a, *c, seed=0)
         print(json.dumps(agreement, indent=1), flush=True)
-    host = cpu_info()
+    host = host_info()
     meta = {"command": "python " + " ".join(["benchmarks/train_speed.py", *sys.argv[1:]]),
             "machine": f"{host['cpu']} ({host['simd']}), {host['logical_cpus']} cores", "threads": a.threads,
             "recipe": {"prediction": "x0", "recycling": a.recycling, "targets": a.targets, "empty_share": 0.4}}

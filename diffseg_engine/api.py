@@ -3,26 +3,25 @@
 Owns: `Segmenter` (a model loaded once, sampling settings fixed; maps a volume -- arrays with an affine, or a
 nibabel image -- to mean, variance and mask arrays on the input grid, writing no file), `Segmentation` (those
 maps and the lesion numbers), and `segment_paths` (files in, files out: one case or a cohort, as the
-``segment`` command). The maps are exactly those `segment` writes for the same case id, seed and settings.
-Imports: numpy, the runtime modules (`segment`, `cohort`, `sampler`, `preprocess`, `noise`, `options`,
-`ensemble`).
-Never torch (unless backend="torch" is asked for), never the CLI.
+``segment`` command). In memory it runs the same core as `segment` (`pipeline.core`: the backend's
+`run_chunk`, so its device loop too), so the maps are exactly those `segment` writes for the same case id,
+seed and settings. Imports: nibabel (lazily), numpy; `core`, `inputs` (lazily), `maps`, `pipeline`, `sampling`. Never torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .ensemble import AutoN, ensemble_identity, is_auto, max_members
-from .errors import InputImageError, MissingModalityError, UsageError
-from .lesions import DEFAULT_MIN_COMPONENT, lesion_mask
-from .noise import NoiseStreams
-from .options import check_sampling_options
-from .preprocess import restore
-from .sampler import chosen_plan, sample_ensemble
+from .core.ensemble import AutoN, ensemble_identity, max_members
+from .core.errors import InputImageError, MissingModalityError, UsageError
+from .maps.lesions import DEFAULT_MIN_COMPONENT, lesion_summary
+from .pipeline.core import case_maps, default_batch_size, sample_case
+from .pipeline.options import RunSettings, check_sampling_options
+from .pipeline.segment import prepare_checked
+from .sampling.sampler import chosen_plan
 
 
 @dataclass
@@ -34,9 +33,9 @@ class Segmentation:
     variance: np.ndarray  # float32 in [0, 0.25]: population variance over members
     mask: np.ndarray  # uint8 {0, 1}: mean > 0.5 without components under min_component of the largest
     affine: np.ndarray  # [4, 4] voxel -> world, the input's
-    lesion: dict  # `segment.lesion_summary`: lesion_ml, mean_variance_in_lesion, uncertain_ml, ...
+    lesion: dict  # `lesions.lesion_summary`: lesion_ml, mean_variance_in_lesion, uncertain_ml, ...
     settings: dict  # sampler, steps, eta, n (and n_min, n_step, n_max, n_tol for auto), seed, backend, device
-    members: np.ndarray | None = None  # n="auto": uint16, the members each voxel's slice got (`segment.members_map`)
+    members: np.ndarray | None = None  # n="auto": uint16, the members each voxel's slice got (`ensemble_maps.members_map`)
     members_per_slice: np.ndarray | None = None  # int [S]: members of each processed slice, in `slice_index` order
     slice_index: np.ndarray | None = None  # int [S]: the processed slices, voxel indices along the slice axis
 
@@ -74,16 +73,25 @@ class Segmenter:
                  backend: str = "onnxruntime", device: str = "auto", n_max: int | None = None,
                  n_min: int | None = None, n_step: int | None = None, n_tol: float | None = None,
                  min_component: float = DEFAULT_MIN_COMPONENT, force: bool = False, mirror: bool | None = None):
-        from .segment import default_model, open_model
+        from .pipeline.models import default_model, open_model
         size = check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler,
                                       eta=eta, backend=backend, device=device, n_max=n_max, n_min=n_min,
-                                      n_step=n_step, n_tol=n_tol, min_component=min_component)
-        self.min_component, self.force = float(min_component), bool(force)
+                                      n_step=n_step, n_tol=n_tol, min_component=min_component)  # before any file
         self.model = Path(model) if model is not None else default_model()
         self.engine = open_model(self.model, backend, device)
         self.card = self.engine.card
-        self.plan = chosen_plan(self.card, sampler, steps, eta, mirror)
-        self.n, self.seed, self.batch_size = size, int(seed), int(batch_size)
+        self.settings = RunSettings(n=size, plan=chosen_plan(self.card, sampler, steps, eta, mirror), seed=int(seed),
+                                    batch_size=int(batch_size), min_component=float(min_component), force=bool(force))
+
+    @property
+    def plan(self):
+        """The sampling plan (`sampler.SamplingPlan`)."""
+        return self.settings.plan
+
+    @property
+    def n(self):
+        """Members per slice: N, or an `ensemble.AutoN`."""
+        return self.settings.n
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -104,36 +112,28 @@ class Segmenter:
         name or the file's case id: pass the same to get its maps exactly). n: this call's ensemble size (an
         int, "auto" with the default --n-* values, or an `ensemble.AutoN`); None: the Segmenter's.
         """
-        n = self.n if n is None else n
-        seed = self.seed if seed is None else seed
-        n = check_sampling_options(n=n, seed=seed, batch_size=self.batch_size)
+        settings = self.settings
+        if n is not None or seed is not None:
+            settings = replace(settings, n=settings.n if n is None else n, seed=settings.seed if seed is None else seed)
         vols, affine = self._volumes(image, affine)
-        from .segment import prepare_checked
-        prepared, _, _ = prepare_checked(vols, affine, _zooms(affine), self.card, force=self.force)
-        S = len(prepared.inputs)
-        from .segment import default_batch_size, lesion_summary, members_map
-        bs = self.batch_size or default_batch_size(self.card, S * max_members(n), self.engine.device)
+        prepared, _, _ = prepare_checked(vols, affine, _zooms(affine), self.card, force=settings.force)
+        bs = settings.batch_size or default_batch_size(self.card, len(prepared.inputs) * max_members(settings.n),
+                                                        self.engine.device)
         self.engine.allocate(bs)
-        stats = sample_ensemble(self.engine.infer, prepared.inputs, members=n, plan=self.plan,
-                                streams=NoiseStreams(seed, case_id), slice_ids=prepared.slice_index,
-                                card=self.card, batch_size=bs)
-        mean = restore(prepared, stats.mean).astype(np.float32)
-        variance = restore(prepared, stats.variance).astype(np.float32)
-        cleaned = lesion_mask(mean, _zooms(affine), min_component=self.min_component)
-        mask = cleaned.mask
-        return Segmentation(case_id, mean, variance, mask, np.asarray(affine, np.float64),
-                            lesion_summary(mask, variance, _zooms(affine)),
-                            {**self.plan.describe(), **ensemble_identity(n), "seed": seed,
+        stats = sample_case(self.engine, prepared, settings, case_id, bs)
+        maps = case_maps(prepared, stats, _zooms(affine), settings)
+        return Segmentation(case_id, maps.mean, maps.variance, maps.mask, np.asarray(affine, np.float64),
+                            lesion_summary(maps.mask, maps.variance, _zooms(affine)),
+                            {**settings.plan.describe(), **ensemble_identity(settings.n), "seed": settings.seed,
                              "members_total": int(stats.count.sum()), **self.engine.describe(),
-                             "min_component": self.min_component, "mask_cleanup": cleaned.describe()},
-                            members=members_map(prepared, stats.count) if is_auto(n) else None,
-                            members_per_slice=stats.count.copy(),
+                             "min_component": settings.min_component, "mask_cleanup": maps.cleaned.describe()},
+                            members=maps.members, members_per_slice=stats.count.copy(),
                             slice_index=np.asarray(prepared.slice_index).copy())
 
     def _volumes(self, image: Any, affine: np.ndarray | None) -> tuple[list[np.ndarray], np.ndarray]:
         need = self.modalities
         if isinstance(image, Mapping):
-            from .cases import canonical_modality
+            from .inputs.cases import canonical_modality
             given = {canonical_modality(k): v for k, v in image.items()}
             missing = [m for m in need if m not in given]
             if missing:
@@ -180,28 +180,23 @@ class Segmenter:
                       overview: bool = True, quiet: bool = True):
         """One case from files to files, as the ``segment`` command (lock, resume, atomic outputs, provenance):
         returns `segment.SegmentResult`."""
-        from .segment import check_output, resolve_case, segment_case
-        check_sampling_options(n=self.n, save_samples=save_samples)
+        from .pipeline.segment import check_output, resolve_case, segment_case
+        settings = replace(self.settings, save_samples=save_samples, overview=overview, overwrite=overwrite)
         inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-        case = resolve_case([Path(p) for p in inputs], list(modality), self.card, force=self.force)
+        case = resolve_case([Path(p) for p in inputs], list(modality), self.card, force=self.settings.force)
         check_output(out_dir, case, overwrite=overwrite)
-        return segment_case(case, self.engine, Path(out_dir), n=self.n, plan=self.plan, seed=self.seed,
-                            batch_size=self.batch_size, overwrite=overwrite, quiet=quiet,
-                            save_samples=save_samples, overview=overview, command="diffseg_engine.api",
-                            min_component=self.min_component)
+        return segment_case(case, self.engine, Path(out_dir), settings, quiet=quiet, command="diffseg_engine.api")
 
     def segment_cohort(self, source: str | Path, out_dir: str | Path, *, overwrite: bool = False,
                        save_samples: bool = False, overview: bool = True, num_parts: int = 1, part_id: int = 0,
                        quiet: bool = True):
         """A folder of cases or a list file into `out_dir` with this loaded model, as ``segment INPUT_DIR``
         (skips finished cases, records failures, writes the summary): returns `cohort.CohortResult`."""
-        from .cohort import RunSettings, check_cohort_output, list_cohort, run_cohort, select_part
-        check_sampling_options(n=self.n, save_samples=save_samples)
+        from .pipeline.cohort import check_cohort_output, list_cohort, select_part
+        from .pipeline.cohort_run import run_cohort
+        settings = replace(self.settings, save_samples=save_samples, overview=overview, overwrite=overwrite)
         cohort = list_cohort(source)
         check_cohort_output(out_dir, cohort)
-        settings = RunSettings(n=self.n, plan=self.plan, seed=self.seed, batch_size=self.batch_size,
-                               save_samples=save_samples, overview=overview, overwrite=overwrite,
-                               min_component=self.min_component, force=self.force)
         return run_cohort(select_part(cohort, num_parts, part_id), self.engine, out_dir, settings, cohort=cohort,
                           quiet=quiet, command="diffseg_engine.api")
 
@@ -213,7 +208,7 @@ def segment_paths(inputs: str | Path | Sequence[str | Path], out_dir: str | Path
     those of `Segmenter` (n, n_max, n_min, n_step, n_tol, sampler, steps, eta, mirror, seed, batch_size,
     backend, device, min_component, force) and of its `segment_files` / `segment_cohort` (overwrite,
     save_samples, overview, ...)."""
-    from .cohort import is_cohort_source
+    from .pipeline.cohort import is_cohort_source
     keys = ("n", "n_max", "n_min", "n_step", "n_tol", "sampler", "steps", "eta", "mirror", "seed", "batch_size",
             "backend", "device", "min_component", "force")
     seg = Segmenter(model, **{k: options.pop(k) for k in keys if k in options})

@@ -4,6 +4,8 @@ Owns: argument parsing (choices as the enums below, so `--help` lists them), the
 and of the parser's usage errors to one-line messages and exit codes (the table is `errors.EXIT_CODES`), the
 logging setup (`-v` / `-q`: the library logs to `logging.getLogger("diffseg_engine")` and never prints), and
 lazy imports so that `segment` never imports torch. Nothing imports this module.
+Imports: typer; `artifacts` (lazily), `backends` (lazily), `core`, `export` (lazily), `maps`, `pipeline` (lazily),
+`sampling` (lazily), `train` (lazily). Never torch.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .lesions import DEFAULT_MIN_COMPONENT
-from .ensemble import AUTO_N_MAX, AUTO_N_MIN, AUTO_N_STEP, AUTO_N_TOL
-from .errors import DiffsegError, exit_code_help
+from .maps.lesions import DEFAULT_MIN_COMPONENT
+from .core.ensemble import AUTO_N_MAX, AUTO_N_MIN, AUTO_N_STEP, AUTO_N_TOL
+from .core.errors import DiffsegError, exit_code_help
 
 
 # ---- choices: each enum mirrors a library tuple (tests/test_cli_conventions.py checks they agree) -----------
@@ -90,7 +92,7 @@ class Policy(str, Enum):
 
 
 class OutputFormat(str, Enum):
-    """segment.OUTPUT_FORMATS"""
+    """options.OUTPUT_FORMATS"""
     nifti = "nifti"
     qubrats = "qubrats"
 
@@ -227,7 +229,7 @@ def _handle_errors(fn: Callable) -> Callable:
 def _need_torch(extra: str) -> None:
     import importlib.util
     if importlib.util.find_spec("torch") is None:
-        from .errors import BackendError
+        from .core.errors import BackendError
         raise BackendError("this command needs PyTorch, which is not installed",
                            fix=f"pip install 'diffseg-engine[{extra}]' (CPU: pip install torch==2.13.0)")
 
@@ -301,7 +303,7 @@ def train(
     Example: `diffseg-engine train --data brats/ --out runs/flair --modalities flair --steps 20000`
     """
     _need_torch("train")
-    from .host import usable_cpus
+    from .core.host import usable_cpus
     from .train.loop import TrainConfig, train as run_training
     cfg = TrainConfig(
         data=str(data), out=str(out), preset=_value(preset),
@@ -349,8 +351,8 @@ def export(
 
     Example: `diffseg-engine export runs/flair --out flair.onnx`, `diffseg-engine export flair.onnx --engine tensorrt`
     """
-    from .errors import ModelFileError, UsageError
-    from .step_graph import PRECISIONS
+    from .core.errors import ModelFileError, UsageError
+    from .artifacts.step_graph import PRECISIONS
     engine, precision = _value(engine), _value(precision)
     if triton_repo is not None and model.suffix == ".onnx" and engine == "onnx":  # an existing export: no torch
         _write_triton(model, triton_repo)
@@ -363,7 +365,7 @@ def export(
         if engine != "tensorrt":
             raise UsageError("MODEL is already an ONNX step graph", fix="add --engine tensorrt to build its plan, "
                              "or give the .safetensors weights")
-        from .onnx_file import inspect_onnx
+        from .artifacts.onnx_file import inspect_onnx
         have = inspect_onnx(model).precision
         if precision is not None and precision != have:
             raise UsageError(f"{model} is a {have} step graph, not {precision}",
@@ -397,7 +399,7 @@ def export(
     if engine == "tensorrt":
         import shutil
 
-        from .tensorrt_plan import ensure_plan, read_sidecar, sidecar_path
+        from .artifacts.tensorrt_plan import ensure_plan, read_sidecar, sidecar_path
         plan, built = ensure_plan(target, max_batch=max_batch, rebuild=rebuild)
         side = read_sidecar(plan)
         gpu = side["gpu"]["name"] or "any supported GPU (portable TensorRT-RTX plan)"
@@ -500,34 +502,34 @@ def segment(
                                       help="Cohorts: run on Ray. local (a Ray instance on this machine), auto (the "
                                            "cluster started here with `ray start`) or ray://HOST:10001."),
 ) -> None:
-    from .backends.base import read_card
+    from .backends import read_card
     size = _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
                                    threads=threads, n_max=n_max, n_min=n_min, n_step=n_step, n_tol=n_tol,
                                    save_samples=save_samples, min_component=min_component)
-    from .sampler import chosen_plan
-    from .segment import check_output, default_model, open_model, resolve_case, segment_case
+    from .sampling.sampler import chosen_plan
+    from .pipeline.models import default_model, open_model
+    from .pipeline.options import RunSettings
+    from .pipeline.segment import check_output, resolve_case, segment_case
     quiet = _quiet(quiet)
     model_path = model or default_model()
     card = read_card(model_path)  # the card only: no session, no weights yet
-    plan = chosen_plan(card, _value(sampler), steps, eta, mirror)
-    from .cohort import is_cohort_source
+    settings = RunSettings(n=size, plan=chosen_plan(card, _value(sampler), steps, eta, mirror), seed=seed,
+                           batch_size=batch_size, save_samples=save_samples, overwrite=overwrite,
+                           output_format=output_format.value, force=force, min_component=min_component)
+    from .pipeline.cohort import is_cohort_source
     if len(inputs or []) == 1 and not modality and is_cohort_source(inputs[0]):
-        _segment_cohort(inputs[0], out, model_path, plan, n=size, seed=seed, batch_size=batch_size,
-                        save_samples=save_samples, overwrite=overwrite, quiet=quiet, backend=backend.value,
-                        device=device, num_parts=num_parts, part_id=part_id, ray=ray, threads=threads,
-                        output_format=output_format.value, force=force, min_component=min_component)
+        _segment_cohort(inputs[0], out, model_path, settings, quiet=quiet, backend=backend.value, device=device,
+                        num_parts=num_parts, part_id=part_id, ray=ray, threads=threads)
         return
     if num_parts != 1 or part_id != 0 or ray is not None:
-        from .errors import UsageError
+        from .core.errors import UsageError
         raise UsageError("--num-parts, --part-id and --ray split a cohort; this input is one case",
                          fix="give a folder of case folders or a text file listing cases")
     case = resolve_case(list(inputs or []), modality, card, force=force)
     check_output(out, case, overwrite=overwrite)
     eng = open_model(model_path, backend.value, device, threads=threads)
     try:
-        res = segment_case(case, eng, out, n=size, plan=plan, seed=seed, batch_size=batch_size, overwrite=overwrite,
-                           quiet=quiet, save_samples=save_samples, command=" ".join(sys.argv),
-                           output_format=output_format.value, min_component=min_component)
+        res = segment_case(case, eng, out, settings, quiet=quiet, command=" ".join(sys.argv))
     except KeyboardInterrupt:
         typer.echo(f"interrupted: finished chunks are kept in {out}; run the same command again to resume", err=True)
         raise typer.Exit(130)
@@ -541,15 +543,10 @@ def segment(
                    f"wrote {', '.join(p.name for p in res.outputs.values())} to {out}")
 
 
-def _segment_cohort(source: Path, out: Path, model_path: Path, plan, *, n, seed: int, batch_size: int,
-                    save_samples: bool, overwrite: bool, quiet: bool, backend: str, device: str, num_parts: int,
-                    part_id: int, ray: Optional[str], threads: int, output_format: str, force: bool,
-                    min_component: float) -> None:
-    from .cohort import RunSettings, segment_cohort
-    from .errors import CasesFailedError
-    settings = RunSettings(n=n, plan=plan, seed=seed, batch_size=batch_size, save_samples=save_samples,
-                           overwrite=overwrite, output_format=output_format, force=force,
-                           min_component=min_component)
+def _segment_cohort(source: Path, out: Path, model_path: Path, settings, *, quiet: bool, backend: str, device: str,
+                    num_parts: int, part_id: int, ray: Optional[str], threads: int) -> None:
+    from .pipeline.cohort_run import segment_cohort
+    from .core.errors import CasesFailedError
     res = segment_cohort(source, out, model_path, settings, backend=backend, device=device, num_parts=num_parts,
                          part_id=part_id, use_ray=ray is not None, ray_address=ray,
                          quiet=quiet, command=" ".join(sys.argv), threads=threads)
@@ -568,8 +565,8 @@ def _check_sampling_options(*, n, steps: Optional[int], seed: int, batch_size: i
     """`UsageError` for option values that cannot work, before any file is opened (the checks live in
     `options`, shared with the Python API; choices are enums here); returns the ensemble size (N or
     `ensemble.AutoN`; `auto`: --n-max, --n-min, --n-step, --n-tol, save_samples)."""
-    from .errors import UsageError
-    from .options import check_sampling_options
+    from .core.errors import UsageError
+    from .pipeline.options import check_sampling_options
     if threads < 0:
         raise UsageError(f"--threads must be at least 1 (or 0 for automatic), got {threads}")
     return check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device, **auto)
@@ -610,14 +607,14 @@ def evaluate(
 
     Example: `diffseg-engine evaluate --data brats-val/ -o report/ --n 5`
     """
-    from .evaluate import evaluate_folder
+    from .pipeline.evaluate import evaluate_folder
     eng = plan = None
     if predictions is None:
         _check_sampling_options(n=n, steps=steps, seed=seed, batch_size=batch_size, eta=eta, device=device,
                                 threads=threads)
-        from .segment import open_model
+        from .pipeline.models import open_model
         eng = open_model(model, backend.value, device, threads=threads)
-        from .sampler import chosen_plan
+        from .sampling.sampler import chosen_plan
         plan = chosen_plan(eng.card, _value(sampler), steps, eta, mirror)
     res = evaluate_folder(data, out, predictions=predictions, backend=eng, plan=plan, n=n, seed=seed,
                           batch_size=batch_size, policy=policy.value,
@@ -640,12 +637,14 @@ def demo(
 
     Example: `diffseg-engine demo -o demo-out/` (then open demo-out/*_overview.png)
     """
-    from .segment import DEMO_INPUT, open_model, resolve_case, segment_case
-    from .sampler import chosen_plan
+    from .pipeline.models import DEMO_INPUT, open_model
+    from .pipeline.options import RunSettings
+    from .pipeline.segment import resolve_case, segment_case
+    from .sampling.sampler import chosen_plan
     eng = open_model(None, "onnxruntime", "auto", threads=threads)
     case = resolve_case([DEMO_INPUT], [], eng.card)
-    res = segment_case(case, eng, out, n=n, plan=chosen_plan(eng.card), seed=seed,
-                       overwrite=True, quiet=_quiet(quiet), command=" ".join(sys.argv))
+    res = segment_case(case, eng, out, RunSettings(n=n, plan=chosen_plan(eng.card), seed=seed, overwrite=True),
+                       quiet=_quiet(quiet), command=" ".join(sys.argv))
     typer.echo(f"{res.case_id}: {int(res.mask.sum())} tumour voxels, "
                f"sampling {res.provenance['timings']['sampling_s']:.0f} s on {res.provenance['backend']['device']}")
     for k, p in res.outputs.items():
@@ -666,7 +665,7 @@ def report(
 
     Example: `diffseg-engine report cohort-out/` (then open cohort-out/report.html in a browser)
     """
-    from .review import write_review
+    from .pipeline.review import write_review
     page = write_review(out)
     total = sum(page.counts.values())
     typer.echo(f"wrote {page.path}: {total} case{'s' if total != 1 else ''} ("

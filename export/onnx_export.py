@@ -1,13 +1,10 @@
 """Export of the denoising step (U-Net + fused update) to ONNX, with the model card inside.
 
 Owns: `export_onnx` (safetensors -> .onnx with a dynamic batch axis, checked by onnx.checker, card and
-content digest in `metadata_props`), `half_precision_step` (the mixed-precision step: convolutions and matmuls
-in fp16 or bf16; normalisation, softmax, timestep embedding, output head and update in fp32),
-`precision_error` (a half step against fp32 on the same inputs), `check_parity` (onnxruntime vs torch) and
+content digest in `metadata_props`), `precision_error` (a half step against fp32 on the same inputs), `check_parity` (onnxruntime vs torch) and
 `store_exact_fp16` (float32 weights that are exactly float16 values stored as float16 behind a Cast: lossless,
 and half the file for weights shipped in fp16).
-Imports: torch, onnx, `diffseg_engine.train.step`, runtime ground floor. Nothing in the runtime imports this
-except `backends.ort.ensure_onnx`, lazily, when the user hands it safetensors weights.
+Imports: numpy, onnx (lazily), onnxruntime (lazily), torch; `artifacts`, `core`, `io`, `train`.
 """
 from __future__ import annotations
 
@@ -19,38 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffseg_engine.atomic import atomic_write
-from diffseg_engine.step_graph import PRECISION_KEY, PRECISIONS, STEP_INPUTS, STEP_OUTPUT
-from diffseg_engine.card import CARD_KEY, ModelCard
-from diffseg_engine.errors import ModelFileError, UsageError
-from diffseg_engine.onnx_file import DIGEST_KEY, content_digest
-from diffseg_engine.weights import load_weights
+from diffseg_engine.io.atomic import atomic_write
+from diffseg_engine.artifacts.step_graph import PRECISION_KEY, STEP_INPUTS, STEP_OUTPUT
+from diffseg_engine.artifacts.card import CARD_KEY, ModelCard
+from diffseg_engine.core.errors import ModelFileError
+from diffseg_engine.artifacts.onnx_file import DIGEST_KEY, content_digest
+from diffseg_engine.artifacts.weights import load_weights
 
-from ..train.step import DenoisingStep, build_step
+from ..train.step import DenoisingStep, build_step, half_precision_step
 
 OPSET = 17
 #: bf16 convolutions are valid ONNX from opset 22 on (Conv-22); the TorchScript exporter writes at most 20,
 #: whose operators are unchanged at 22 for everything the step graph uses, so the bf16 graph is written at 20
 #: and declared 22, then onnx.checker (full check) validates it at 22.
 BF16_OPSET = 22
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def half_precision_step(step: DenoisingStep, precision: str) -> DenoisingStep:
-    """`step` with the U-Net torso's convolutions (2D, and the attention's 1x1 Conv1d) in fp16 or bf16, in place.
-
-    The torso then carries its activations in that type, so the attention matmuls run in it too; GroupNorm and
-    the softmax compute in float32 (`train.unet`), the timestep embedding and its MLP, the output head and the
-    fused update stay float32, and so do the graph's inputs and output. "fp32" returns `step` unchanged."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown --precision {precision!r}", fix=f"choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return step
-    for part in (step.net.input_blocks, step.net.middle_block, step.net.output_blocks):
-        for m in part.modules():
-            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
-                m.to(_DTYPES[precision])
-    return step
 
 
 def example_inputs(card: ModelCard, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -159,13 +138,16 @@ def check_parity(weights: str | Path, onnx_path: str | Path, *, batch: int = 3, 
                  precision: str = "fp32") -> float:
     """Max |onnxruntime - torch| of the step output on the same random inputs (torch in the same `precision`;
     onnxruntime's CPU provider runs fp32 and fp16 graphs, not bf16 convolutions)."""
-    from diffseg_engine.backends.ort import OnnxRuntimeBackend
+    import onnxruntime as ort
     tensors, card = load_weights(weights)
     step = half_precision_step(build_step(card, tensors), precision)
     ex = example_inputs(card, batch, seed)
     with torch.no_grad():
         ref = step(*(torch.from_numpy(ex[k]) for k in STEP_INPUTS)).numpy()
-    got = OnnxRuntimeBackend.load(onnx_path, device="cpu").infer(**ex)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    got = sess.run([STEP_OUTPUT], {k: np.ascontiguousarray(ex[k], np.float32) for k in STEP_INPUTS})[0]
     err = float(np.max(np.abs(got - ref)))
     if not np.isfinite(err):
         raise ModelFileError("ONNX output is not finite", path=onnx_path)

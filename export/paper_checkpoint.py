@@ -7,7 +7,7 @@ paper's pipeline: the four BraTS modalities t1, t1ce, t2, flair (the reference l
 [0, 1] as the reference 2D slices come, cropped 240 -> 224 (``[8:-8, 8:-8]``), a mask x_0 in {0, 1}, the
 linear 1000-step schedule, learned variance when the network has two output channels and x_0 clipped to
 [-1, 1].
-Imports: torch, `diffseg_engine.train.unet`, runtime ground floor (card, weights, errors, cases).
+Imports: numpy, torch; `artifacts.card`, `artifacts.weights`, `core.errors`, `inputs.cases`, `train.unet`.
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from diffseg_engine.card import Architecture, DiffusionSpec, ModelCard, Preprocessing
-from diffseg_engine.cases import canonical_modality
-from diffseg_engine.errors import DiffsegError, ModelFileError
-from diffseg_engine.weights import save_weights
+from diffseg_engine.artifacts.card import Architecture, DiffusionSpec, ModelCard, Preprocessing
+from diffseg_engine.inputs.cases import canonical_modality
+from diffseg_engine.core.errors import DiffsegError, ModelFileError
+from diffseg_engine.artifacts.weights import save_weights
 
 from ..train.unet import UNetModel, infer_architecture, load_state_dict_strict, unwrap_state_dict
-from diffseg_engine.weights import file_sha256 as _sha256
+from diffseg_engine.artifacts.weights import file_sha256 as _sha256
 
 __all__ = ["convert_checkpoint", "load_checkpoint", "PAPER_MODALITIES"]
 

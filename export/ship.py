@@ -2,7 +2,7 @@
 
 Owns: `ship_default` — EMA weights stored as float16 safetensors (the shipped model IS these rounded weights),
 the ONNX step graph exported from exactly those weights, the training log, and a MODEL.md summary.
-Imports: numpy, `weights`, `export.onnx_export`.
+Imports: numpy; `artifacts.weights`, `onnx_export`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffseg_engine.weights import load_weights, save_weights
+from diffseg_engine.artifacts.weights import load_weights, save_weights
 
 from .onnx_export import check_parity, export_onnx
 

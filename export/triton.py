@@ -7,8 +7,7 @@ would call the server once per timestep per chunk as it calls a local backend. L
 model repository): ``DIR/<name>/config.pbtxt`` + ``DIR/<name>/1/model.onnx`` (platform ``onnxruntime_onnx``)
 and, when a TensorRT plan is given, ``DIR/<name>_trt/config.pbtxt`` + ``.../1/model.plan`` (``tensorrt_plan``).
 Both declare dynamic batching, so that steps sent by several engines (or chunks) are batched on the GPU.
-Imports: the standard library, `diffseg_engine.step_graph`, `onnx_file`, `card`, `atomic`, `errors`. Never
-torch, never `backends/`.
+Imports: `artifacts.card`, `artifacts.onnx_file`, `artifacts.step_graph`, `core.errors`, `io.atomic`.
 """
 from __future__ import annotations
 
@@ -17,11 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from diffseg_engine.atomic import atomic_write
-from diffseg_engine.card import ModelCard
-from diffseg_engine.errors import ModelFileError, OutputError, UsageError
-from diffseg_engine.onnx_file import inspect_onnx
-from diffseg_engine.step_graph import STEP_INPUTS, STEP_OUTPUT, input_shapes, output_shape
+from diffseg_engine.io.atomic import atomic_write
+from diffseg_engine.artifacts.card import ModelCard
+from diffseg_engine.core.errors import ModelFileError, OutputError, UsageError
+from diffseg_engine.artifacts.onnx_file import inspect_onnx
+from diffseg_engine.artifacts.step_graph import STEP_INPUTS, STEP_OUTPUT, input_shapes, output_shape
 
 #: Largest batch the server forms (work items per step call); the engine's GPU default batch cap.
 DEFAULT_MAX_BATCH = 256

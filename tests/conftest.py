@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory):
     from diffseg_engine.export.onnx_export import export_onnx
     from diffseg_engine.train.presets import build_card, get_preset
     from diffseg_engine.train.unet import UNetModel
-    from diffseg_engine.weights import save_weights
+    from diffseg_engine.artifacts.weights import save_weights
 
     d = tmp_path_factory.mktemp("tiny_model")
     card = build_card(get_preset("tiny"), ("flair",))

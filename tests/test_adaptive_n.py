@@ -23,15 +23,16 @@ import pytest
 
 from typer.testing import CliRunner
 
-from diffseg_engine.card import Preprocessing
+from diffseg_engine.artifacts.card import Preprocessing
 from diffseg_engine.cli import app
-from diffseg_engine.ensemble import AutoN, EnsembleStats, ensemble_identity
-from diffseg_engine.errors import EXIT_CODES, OutputError, UsageError
-from diffseg_engine.noise import NoiseStreams
-from diffseg_engine.options import check_sampling_options, ensemble_size
-from diffseg_engine.partial import PartialRun
-from diffseg_engine.rounds import Rounds
-from diffseg_engine.sampler import plan_sampling, sample_ensemble
+from diffseg_engine.core.ensemble import AutoN, EnsembleStats, ensemble_identity
+from diffseg_engine.core.errors import EXIT_CODES, OutputError, UsageError
+from diffseg_engine.core.noise import NoiseStreams
+from diffseg_engine.pipeline.options import check_sampling_options, ensemble_size
+from diffseg_engine.io.partial import PartialRun
+from diffseg_engine.sampling.rounds import Rounds
+from diffseg_engine.sampling.sampler import plan_sampling, sample_ensemble
+from diffseg_engine.core.steps import host_runner
 from diffseg_engine.train.presets import build_card, get_preset
 
 CARD = build_card(get_preset("tiny"), ("flair",), name="test-auto").replace(
@@ -57,7 +58,7 @@ def _toy_images(num_slices: int = 7) -> np.ndarray:
 
 
 def _run(size, images, bs=5, **kw) -> EnsembleStats:
-    return sample_ensemble(_toy_step, images, members=size, plan=PLAN, streams=NoiseStreams(7, "case"),
+    return sample_ensemble(host_runner(_toy_step), images, members=size, plan=PLAN, streams=NoiseStreams(7, "case"),
                            slice_ids=np.arange(40, 40 + len(images)), card=CARD, batch_size=bs, **kw)
 
 
@@ -103,7 +104,7 @@ def test_mirrored_auto_runs_stop_only_with_as_many_plain_as_mirrored_members():
     assert AutoN(n_max=7, n_min=7, n_step=1).in_pairs() == AutoN(n_max=8, n_min=8, n_step=2)
     images = _toy_images()
     mirrored = PLAN.__class__(**{**PLAN.__dict__, "mirror": True})
-    run = lambda size, bs: sample_ensemble(_toy_step, images, members=size, plan=mirrored,  # noqa: E731
+    run = lambda size, bs: sample_ensemble(host_runner(_toy_step), images, members=size, plan=mirrored,  # noqa: E731
                                            streams=NoiseStreams(7, "case"), slice_ids=np.arange(40, 40 + len(images)),
                                            card=CARD, batch_size=bs)
     stats = run(auto, 7)
@@ -145,7 +146,7 @@ def test_rounds_never_mix_and_report_what_they_touched():
         seen.append((rounds.round, len(x_t), int(t[0])))
         return _toy_step(image, x_t, t, coef, noise)
     touched = []
-    sample_ensemble(step, images, members=rounds.size, plan=PLAN, streams=NoiseStreams(7, "case"),
+    sample_ensemble(host_runner(step), images, members=rounds.size, plan=PLAN, streams=NoiseStreams(7, "case"),
                     slice_ids=np.arange(len(images)), card=CARD, batch_size=6, rounds=rounds,
                     on_chunk=lambda nxt, st: touched.append(rounds.last_rows))
     assert rounds.finished
@@ -233,7 +234,7 @@ def model(tmp_path_factory) -> Path:
 
     from diffseg_engine.export.onnx_export import export_onnx
     from diffseg_engine.train.unet import UNetModel
-    from diffseg_engine.weights import save_weights
+    from diffseg_engine.artifacts.weights import save_weights
     tmp = tmp_path_factory.mktemp("auto_model")
     net = perturbed(UNetModel(CARD.architecture), seed=5)
     weights = tmp / "auto.safetensors"
@@ -320,8 +321,8 @@ def test_segment_auto_tolerance_zero_writes_the_bytes_of_fixed_n_max(flair, mode
 
 def test_an_interrupted_auto_segment_resumes_and_other_runs_are_refused(auto_run, flair, model, tmp_path,
                                                                         monkeypatch):
-    import diffseg_engine.partial
-    real_save = diffseg_engine.partial.PartialRun.save_chunk
+    import diffseg_engine.io.partial
+    real_save = diffseg_engine.io.partial.PartialRun.save_chunk
     calls = [0]
 
     def stop_after_four(self, *a, **k):
@@ -331,10 +332,10 @@ def test_an_interrupted_auto_segment_resumes_and_other_runs_are_refused(auto_run
             raise KeyboardInterrupt
     out = tmp_path / "out"
     args = [flair, "--model", model, "--out", out, *AUTO, "--n-tol", "0.5", "--batch-size", "5", *COMMON]
-    monkeypatch.setattr(diffseg_engine.partial.PartialRun, "save_chunk", stop_after_four)
+    monkeypatch.setattr(diffseg_engine.io.partial.PartialRun, "save_chunk", stop_after_four)
     code, output = _segment(*args)
     assert code == 130 and "resume" in output
-    monkeypatch.setattr(diffseg_engine.partial.PartialRun, "save_chunk", real_save)
+    monkeypatch.setattr(diffseg_engine.io.partial.PartialRun, "save_chunk", real_save)
     # a fixed run, or an auto run with another tolerance, is not the same run: refused, naming what differs
     code, output = _segment(flair, "--model", model, "--out", out, "--n", "8", "--batch-size", "5", *COMMON)
     assert code == EXIT_CODES[OutputError] and "other parameters" in output and "n auto -> 8" in output, output
@@ -365,7 +366,8 @@ def test_auto_option_errors_are_one_line_with_the_usage_code(flair, model, tmp_p
 
 def test_python_api_and_cohorts_take_auto(auto_run, flair, model, tmp_path, monkeypatch):
     from diffseg_engine.api import Segmenter, segment_paths
-    from diffseg_engine.cohort import RunSettings, run_case, CohortEntry
+    from diffseg_engine.pipeline.cohort import run_case, CohortEntry
+    from diffseg_engine.pipeline.options import RunSettings
     ref, prov = auto_run
     seg = Segmenter(model, n="auto", n_max=8, n_min=2, n_step=2, n_tol=0.5, sampler="ddim", steps=2, eta=1.0,
                     batch_size=5)
@@ -383,7 +385,7 @@ def test_python_api_and_cohorts_take_auto(auto_run, flair, model, tmp_path, monk
     with pytest.raises(UsageError, match="--save-samples needs a fixed --n"):
         seg.segment_files(flair, tmp_path / "x", save_samples=True)
     # files: the same maps as the CLI; a cohort run skips it as the same run, and redoes it for another tol
-    monkeypatch.setattr("diffseg_engine.overview.write_overview", lambda *a, **k: None)
+    monkeypatch.setattr("diffseg_engine.maps.overview.write_overview", lambda *a, **k: None)
     one = segment_paths(flair, tmp_path / "one", model, n="auto", n_max=8, n_min=2, n_step=2, n_tol=0.5,
                         sampler="ddim", steps=2, eta=1.0, batch_size=5, overview=False)
     assert _maps(tmp_path / "one", ("mean", "variance", "members")) == _maps(ref, ("mean", "variance", "members"))

@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from diffseg_engine.card import Architecture, ModelCard, Preprocessing
-from diffseg_engine.errors import ModelFileError
-from diffseg_engine.weights import load_weights, read_metadata, save_weights, weights_digest
+from diffseg_engine.artifacts.card import Architecture, ModelCard, Preprocessing
+from diffseg_engine.core.errors import ModelFileError
+from diffseg_engine.artifacts.weights import load_weights, read_metadata, save_weights, weights_digest
 
 
 def _card(**kw) -> ModelCard:

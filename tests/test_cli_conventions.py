@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import diffseg_engine
 from diffseg_engine import cli
-from diffseg_engine.errors import EXIT_CODES, UsageError
-from diffseg_engine.host import cgroup_cpu_limit, usable_cpus
+from diffseg_engine.core.errors import EXIT_CODES, UsageError
+from diffseg_engine.core.host import cgroup_cpu_limit, usable_cpus
 
 runner = CliRunner()
 COMMANDS = ("train", "export", "segment", "evaluate", "demo")
@@ -61,8 +61,8 @@ def test_choices_are_listed_and_defaults_come_from_the_card():
 
 def test_enums_match_the_library():
     from diffseg_engine.backends.base import BACKENDS
-    from diffseg_engine.metrics import POLICIES
-    from diffseg_engine.sampler import SAMPLERS
+    from diffseg_engine.evaluation.metrics import POLICIES
+    from diffseg_engine.sampling.sampler import SAMPLERS
     from diffseg_engine.train.loop import OBJECTIVES
     from diffseg_engine.train.presets import PRESETS
     assert [s.value for s in cli.Sampler] == list(SAMPLERS)
@@ -148,7 +148,7 @@ def test_cgroup_quota_caps_the_thread_default(tmp_path):
 
 def test_affinity_caps_the_thread_default():
     code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-            "from diffseg_engine.host import usable_cpus; print(usable_cpus())")
+            "from diffseg_engine.core.host import usable_cpus; print(usable_cpus())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffseg_engine.cli import app
-from diffseg_engine.errors import EXIT_CODES, BackendError, MissingModalityError, OutputError, UsageError
+from diffseg_engine.core.errors import EXIT_CODES, BackendError, MissingModalityError, OutputError, UsageError
 
 runner = CliRunner()
 

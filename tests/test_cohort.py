@@ -20,12 +20,13 @@ torch = pytest.importorskip("torch")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from diffseg_engine.card import Preprocessing  # noqa: E402
+from diffseg_engine.artifacts.card import Preprocessing  # noqa: E402
 from diffseg_engine.cli import app  # noqa: E402
-from diffseg_engine.cohort import (SUMMARY_NAMES, CohortEntry, RunSettings, is_cohort_source,  # noqa: E402
-                                   list_cohort, segment_cohort, select_part)
-from diffseg_engine.errors import DatasetError, InputImageError, MissingModalityError, UsageError  # noqa: E402
-from diffseg_engine.sampler import chosen_plan  # noqa: E402
+from diffseg_engine.pipeline.cohort import SUMMARY_NAMES, CohortEntry, is_cohort_source, list_cohort, select_part
+from diffseg_engine.pipeline.options import RunSettings
+from diffseg_engine.pipeline.cohort_run import segment_cohort
+from diffseg_engine.core.errors import DatasetError, InputImageError, MissingModalityError, UsageError  # noqa: E402
+from diffseg_engine.sampling.sampler import chosen_plan  # noqa: E402
 
 SMALL_PREP = Preprocessing(crop_size=224, downsample=14)  # 16x16 network grid
 MAPS = ("mean", "variance", "mask")
@@ -41,7 +42,7 @@ def model(tmp_path_factory) -> Path:
     from diffseg_engine.export.onnx_export import export_onnx
     from diffseg_engine.train.presets import build_card, get_preset
     from diffseg_engine.train.unet import UNetModel
-    from diffseg_engine.weights import save_weights
+    from diffseg_engine.artifacts.weights import save_weights
     tmp = tmp_path_factory.mktemp("cohort_model")
     card = build_card(get_preset("tiny"), ("flair",), name="test-cohort").replace(preprocessing=SMALL_PREP)
     from diffseg_engine.train.perturb import perturbed
@@ -60,7 +61,7 @@ def _cohort(shared_data: Path, root: Path, ids=GOOD) -> Path:
 
 
 def _settings(model: Path, n: int = 2, steps: int = 2, seed: int = 0) -> RunSettings:
-    from diffseg_engine.backends.base import read_card
+    from diffseg_engine.backends import read_card
     return RunSettings(n=n, plan=chosen_plan(read_card(model), "ddpm", steps), seed=seed, batch_size=BATCH,
                        overview=False)
 
@@ -75,9 +76,9 @@ def _cli(*args) -> tuple[int, str]:
 
 
 def _no_overview(monkeypatch) -> None:
-    import diffseg_engine.overview
+    import diffseg_engine.maps.overview
     # the overview picture is not under test here, and drawing it would dominate the time
-    monkeypatch.setattr(diffseg_engine.overview, "write_overview", lambda *a, **k: None)
+    monkeypatch.setattr(diffseg_engine.maps.overview, "write_overview", lambda *a, **k: None)
 
 
 def _summary(out: Path) -> list[dict]:
@@ -273,9 +274,9 @@ def test_evaluate_scores_a_cohort_run_without_sampling_it_again(shared_data, mod
     """One definition of "the same run" (`segment.finished_run`): `evaluate` takes the cases a cohort `segment
     --save-samples` wrote into its predictions folder as they are, and refuses to mix in another run's (another
     seed, or an input file that changed since)."""
-    from diffseg_engine import evaluate as E
-    from diffseg_engine.errors import OutputError
-    from diffseg_engine.segment import open_model
+    from diffseg_engine.pipeline import evaluate as E
+    from diffseg_engine.core.errors import OutputError
+    from diffseg_engine.pipeline.models import open_model
     _no_overview(monkeypatch)
     cid = GOOD[0]
     src = tmp_path / "cohort"
@@ -385,7 +386,7 @@ HALF_CPU = {"num_cpus": 0.5}
 def test_ray_schedule_retries_a_case_whose_worker_died(ray_cluster, tmp_path):
     """A case whose worker process died is retried on the worker Ray restarted; one whose run() raises is
     retried on the same live worker, then reported with the error."""
-    from diffseg_engine.cohort_ray import schedule
+    from diffseg_engine.pipeline.cohort_ray import schedule
     ray = ray_cluster
     FlakyWorker, AlwaysCrashes, _ = _actor_classes()
     entries = [CohortEntry("A", inputs=(tmp_path / "a.marker",)), CohortEntry("B", inputs=(tmp_path / "b.marker",))]
@@ -410,7 +411,7 @@ def test_ray_schedule_never_waits_for_ever_on_a_worker(ray_cluster, tmp_path):
     other workers run the cases, or with none left the cases fail), and gives up one that died for good."""
     import time
 
-    from diffseg_engine.cohort_ray import schedule
+    from diffseg_engine.pipeline.cohort_ray import schedule
     ray = ray_cluster
     FlakyWorker, _, Quick = _actor_classes()
     entries = [CohortEntry(c, inputs=(tmp_path / f"{c}.marker",)) for c in "ABC"]

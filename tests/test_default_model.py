@@ -11,15 +11,15 @@ import json
 import numpy as np
 import pytest
 
-from diffseg_engine.backends.base import read_card
-from diffseg_engine.cases import find_case
-from diffseg_engine.nifti_io import load_image
-from diffseg_engine.noise import NoiseStreams
-from diffseg_engine.onnx_file import inspect_onnx
-from diffseg_engine.preprocess import prepare_case, prepare_label
-from diffseg_engine.sampler import chosen_plan, sample_ensemble
-from diffseg_engine.segment import DEFAULT_MODEL_DIR, default_model, open_model
-from diffseg_engine.weights import load_weights
+from diffseg_engine.backends import read_card
+from diffseg_engine.inputs.cases import find_case
+from diffseg_engine.io.nifti_io import load_image
+from diffseg_engine.core.noise import NoiseStreams
+from diffseg_engine.artifacts.onnx_file import inspect_onnx
+from diffseg_engine.inputs.preprocess import prepare_case, prepare_label
+from diffseg_engine.sampling.sampler import chosen_plan, sample_ensemble
+from diffseg_engine.pipeline.models import DEFAULT_MODEL_DIR, default_model, open_model
+from diffseg_engine.artifacts.weights import load_weights
 
 
 def test_shipped_files_belong_together_and_fit_the_budget():
@@ -67,7 +67,7 @@ def test_shipped_model_finds_the_tumour_of_a_validation_patient(shared_data):
     prep = prepare_case([img.data], img.affine, eng.card.preprocessing)
     lab = prepare_label(load_image(case.label).data, prep)
     pos = np.sort(np.argsort(lab.reshape(len(lab), -1).sum(1))[-4:])
-    stats = sample_ensemble(eng.infer, prep.inputs[pos], members=3, plan=chosen_plan(eng.card),
+    stats = sample_ensemble(eng.run_chunk, prep.inputs[pos], members=3, plan=chosen_plan(eng.card),
                             streams=NoiseStreams(0, case.case_id), slice_ids=pos, card=eng.card, batch_size=12)
     pred, gt = stats.mean > 0.5, lab[pos] > 0.5
     dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
@@ -78,7 +78,7 @@ def test_shipped_model_finds_the_tumour_of_a_validation_patient(shared_data):
 def test_default_batch_keeps_cpu_memory_bounded_and_lets_gpus_batch_wide():
     """On a CPU the default batch never exceeds CPU_BATCH_CAP (a whole volume peaked at 1810 MiB there,
     benchmarks/results/end_to_end-cpu.md); on CUDA it may grow; never more than the work there is."""
-    from diffseg_engine.segment import CPU_BATCH_CAP, default_batch_size
+    from diffseg_engine.pipeline.core import CPU_BATCH_CAP, default_batch_size
     card = read_card(DEFAULT_MODEL_DIR / "default.onnx")
     assert default_batch_size(card, 10_000, "cpu") <= CPU_BATCH_CAP
     assert default_batch_size(card, 10_000, "cuda") >= default_batch_size(card, 10_000, "cpu")

@@ -9,19 +9,20 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from diffseg_engine.backends.base import open_backend  # noqa: E402
+from diffseg_engine.backends import open_backend  # noqa: E402
 from diffseg_engine.backends.torch_ref import TorchBackend  # noqa: E402
-from diffseg_engine.noise import NoiseStreams  # noqa: E402
-from diffseg_engine.sampler import plan_sampling, sample_ensemble  # noqa: E402
+from diffseg_engine.core.noise import NoiseStreams  # noqa: E402
+from diffseg_engine.sampling.sampler import plan_sampling, sample_ensemble  # noqa: E402
 
 
 def _run(backend, images, *, loop: bool, batch_size: int, members: int = 3, steps: int = 8, sampler="ddpm",
          plan=None):
     plan = plan or plan_sampling(backend.card, sampler, steps)
     counted = []
-    stats = sample_ensemble(backend.infer, images, members=members, plan=plan, streams=NoiseStreams(4, "loop"),
+    run = backend.device_loop if loop else backend.run_chunk  # on the CPU run_chunk is the host loop
+    stats = sample_ensemble(run, images, members=members, plan=plan, streams=NoiseStreams(4, "loop"),
                             slice_ids=np.array([7, 30]), card=backend.card, batch_size=batch_size,
-                            on_progress=counted.append, device_loop=backend.device_loop if loop else None)
+                            on_progress=counted.append)
     return stats, sum(counted)
 
 
@@ -64,7 +65,7 @@ def test_device_loop_does_not_depend_on_chunking(backend, images, sampler):
 
 
 def test_tensorrt_backend_refuses_cpu_and_missing_plans(tmp_path):
-    from diffseg_engine.errors import ModelFileError, UsageError
+    from diffseg_engine.core.errors import ModelFileError, UsageError
     with pytest.raises(UsageError, match="only on an NVIDIA GPU"):
         open_backend("tensorrt", tmp_path / "m.plan", device="cpu")
     with pytest.raises(ModelFileError, match="not found"):
@@ -93,8 +94,8 @@ def test_cuda_device_loop_with_graphs_agrees_with_the_cpu_engine(tiny_model, ima
 @pytest.mark.gpu
 def test_torch_noise_on_cuda_is_the_reference(tiny_model):
     _cuda()
-    from diffseg_engine.noise import normals
-    from diffseg_engine.noise_device import TorchNoise
+    from diffseg_engine.core.noise import normals
+    from diffseg_engine.sampling.noise_device import TorchNoise
     key = NoiseStreams(1, "cuda").key
     got = TorchNoise(key, [3, 3], [0, 1], (17, 17), "cuda").draw().cpu().numpy().reshape(2, -1)
     np.testing.assert_array_max_ulp(got, normals(key, [3, 3], [0, 1], 0, 17 * 17), maxulp=1)
@@ -106,9 +107,9 @@ def test_cuda_kernel_through_cuda_bindings_is_the_reference():
     pytest.importorskip("cuda.bindings")
     from cuda.bindings import runtime as cudart
 
-    from diffseg_engine.noise import normals
-    from diffseg_engine.noise_device import CudaNoise
-    from diffseg_engine.tensorrt_plan import cuda_devices
+    from diffseg_engine.core.noise import normals
+    from diffseg_engine.sampling.noise_device import CudaNoise
+    from diffseg_engine.artifacts.tensorrt_plan import cuda_devices
     key, n = NoiseStreams(2, "kernel").key, 31 * 31
     rows = np.array([[5, 0], [5, 7]], np.uint32)
     cudart.cudaSetDevice(0)

@@ -25,23 +25,26 @@ onnx = pytest.importorskip("onnx")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from diffseg_engine.backends.base import open_backend  # noqa: E402
+from diffseg_engine.backends import open_backend  # noqa: E402
 from diffseg_engine.backends.ort import OnnxRuntimeBackend, read_onnx_card  # noqa: E402
 from diffseg_engine.backends.torch_ref import TorchBackend  # noqa: E402
-from diffseg_engine.card import Preprocessing  # noqa: E402
+from diffseg_engine.artifacts.card import Preprocessing  # noqa: E402
 from diffseg_engine.cli import app  # noqa: E402
-from diffseg_engine.ensemble import EnsembleStats, member_probability  # noqa: E402
-from diffseg_engine.lesions import lesion_mask  # noqa: E402
-from diffseg_engine.errors import BackendError, InputImageError, ModelFileError, OutputError, UsageError  # noqa: E402
+from diffseg_engine.core.ensemble import EnsembleStats, member_probability  # noqa: E402
+from diffseg_engine.maps.lesions import lesion_mask  # noqa: E402
+from diffseg_engine.core.errors import BackendError, InputImageError, ModelFileError, OutputError, UsageError  # noqa: E402
 from diffseg_engine.export.onnx_export import check_parity, example_inputs, export_onnx  # noqa: E402
-from diffseg_engine.noise import BatchNoise, NoiseStreams  # noqa: E402
-from diffseg_engine.sampler import chosen_plan, plan_sampling, sample_ensemble  # noqa: E402
-from diffseg_engine.segment import open_model, resolve_case, segment_case  # noqa: E402
+from diffseg_engine.core.noise import BatchNoise, NoiseStreams  # noqa: E402
+from diffseg_engine.sampling.sampler import chosen_plan, plan_sampling, sample_ensemble  # noqa: E402
+from diffseg_engine.core.steps import host_runner
+from diffseg_engine.pipeline.options import RunSettings
+from diffseg_engine.pipeline.segment import resolve_case, segment_case
+from diffseg_engine.pipeline.models import open_model  # noqa: E402
 from diffseg_engine.train.presets import build_card, get_preset  # noqa: E402
 from diffseg_engine.train.reference import reference_sample  # noqa: E402
 from diffseg_engine.train.step import build_step  # noqa: E402
 from diffseg_engine.train.unet import UNetModel  # noqa: E402
-from diffseg_engine.weights import load_weights, save_weights  # noqa: E402
+from diffseg_engine.artifacts.weights import load_weights, save_weights  # noqa: E402
 
 SMALL_PREP = Preprocessing(crop_size=224, downsample=14)  # 16x16 network grid
 
@@ -142,7 +145,7 @@ def _engine_members(backend, card, image, plan, streams, slice_id, members, batc
     def on_chunk(_next, _stats):
         pos[0] = 0
 
-    stats = sample_ensemble(step, image[None], members=members, plan=plan, streams=streams,
+    stats = sample_ensemble(host_runner(step), image[None], members=members, plan=plan, streams=streams,
                             slice_ids=np.array([slice_id]), card=card, batch_size=batch_size,
                             on_member=on_member, on_chunk=on_chunk)
     return x0s, probs, stats
@@ -161,7 +164,7 @@ def test_full_ddpm_plan_is_the_papers_1000_steps(small):
         seen.append((timestep.copy(), coef.copy()))
         return x_t * 0.5
     img = np.zeros((2, 1, card.image_size, card.image_size), np.float32)
-    sample_ensemble(fake_step, img, members=1, plan=plan, streams=NoiseStreams(0, "c"), slice_ids=np.arange(2),
+    sample_ensemble(host_runner(fake_step), img, members=1, plan=plan, streams=NoiseStreams(0, "c"), slice_ids=np.arange(2),
                     card=card, batch_size=2)
     assert len(seen) == 1000
     np.testing.assert_array_equal([t[0] for t, _ in seen], np.arange(999, -1, -1))
@@ -211,7 +214,7 @@ def test_batch_size_does_not_change_results_but_seed_does(small):
     plan = plan_sampling(card, "ddpm", 5)
 
     def run(seed, bs, **kw):
-        return sample_ensemble(ort_backend.infer, images, members=3, plan=plan, streams=NoiseStreams(seed, "c"),
+        return sample_ensemble(ort_backend.run_chunk, images, members=3, plan=plan, streams=NoiseStreams(seed, "c"),
                                slice_ids=slice_ids, card=card, batch_size=bs, **kw)
 
     runs = {bs: run(0, bs) for bs in (1, 3, 7)}  # 9 work items: 7 leaves a chunk of 2
@@ -245,7 +248,7 @@ def test_mirrored_members_see_the_mirror_image_and_are_mirrored_back(small):
 
     def members(imgs, mirror, bs):
         got = {}
-        sample_ensemble(ort_backend.infer, imgs, members=4, plan=plan_sampling(card, "ddim", 3, 1.0, mirror=mirror),
+        sample_ensemble(ort_backend.run_chunk, imgs, members=4, plan=plan_sampling(card, "ddim", 3, 1.0, mirror=mirror),
                         streams=NoiseStreams(0, "c"), slice_ids=slice_ids, card=card, batch_size=bs,
                         on_member=lambda s, m, p: got.__setitem__((s, m), p.copy()))
         return got
@@ -269,7 +272,7 @@ def test_sampler_rejects_bad_arguments(small):
     plan = plan_sampling(card, "ddim", 2)
     for kw in (dict(members=0, batch_size=1), dict(members=1, batch_size=0)):
         with pytest.raises(UsageError):
-            sample_ensemble(ort_backend.infer, img, plan=plan, streams=NoiseStreams(0, "c"),
+            sample_ensemble(ort_backend.run_chunk, img, plan=plan, streams=NoiseStreams(0, "c"),
                             slice_ids=np.array([0]), card=card, **kw)
 
 
@@ -345,8 +348,9 @@ def _lib(inputs: list, model: Path, out: Path, *, modality: tuple[str, ...] = ()
     """The library path of `segment` (no overview picture: matplotlib drawing would dominate the test time)."""
     eng = open_model(model, backend, "cpu")
     case = resolve_case([Path(p) for p in inputs], list(modality), eng.card)
-    return segment_case(case, eng, out, n=n, plan=plan_sampling(eng.card, sampler, steps), seed=seed,
-                        batch_size=batch_size, quiet=True, overview=False, save_samples=save_samples)
+    settings = RunSettings(n=n, plan=plan_sampling(eng.card, sampler, steps), seed=seed, batch_size=batch_size,
+                           overview=False, save_samples=save_samples)
+    return segment_case(case, eng, out, settings, quiet=True)
 
 
 def _check_outputs(out: Path, case_id: str, inputs: list[Path], card, *, n: int, steps: int, sampler="ddpm",
@@ -404,9 +408,9 @@ def _check_outputs(out: Path, case_id: str, inputs: list[Path], card, *, n: int,
 
 
 def test_segment_brats18_folder_rerun_refused_overwrite_and_samples(shared_data, models, tmp_path, monkeypatch):
-    import diffseg_engine.overview
+    import diffseg_engine.maps.overview
     # the overview picture is not under test here, and drawing it would double this test's time
-    monkeypatch.setattr(diffseg_engine.overview, "write_overview", lambda path, *a, **k: Path(path))
+    monkeypatch.setattr(diffseg_engine.maps.overview, "write_overview", lambda path, *a, **k: Path(path))
     weights, onnx_path = models["flair"]
     card = load_weights(weights)[1]
     case = shared_data / "train" / "BraTS18_CBICA_AOO"
@@ -424,21 +428,21 @@ def test_segment_brats18_folder_rerun_refused_overwrite_and_samples(shared_data,
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     # an --overwrite that dies while writing the maps leaves the earlier complete set (and its provenance) as
     # it was: the new maps are all written to temporary files before any replaces an old one
-    import diffseg_engine.segment
-    real_encode = diffseg_engine.segment.encode_like
+    import diffseg_engine.pipeline.segment
+    real_encode = diffseg_engine.pipeline.segment.encode_like
 
     def failing_encode(ref, arr, path, dtype=np.float32):
         if "variance" in Path(path).name:
             raise OutputError("cannot be written (disk full)", path=path)
         return real_encode(ref, arr, path, dtype)
-    monkeypatch.setattr(diffseg_engine.segment, "encode_like", failing_encode)
+    monkeypatch.setattr(diffseg_engine.pipeline.segment, "encode_like", failing_encode)
     eng = open_model(onnx_path, "onnxruntime", "cpu")
     with pytest.raises(OutputError, match="disk full"):
-        segment_case(resolve_case([case], [], card), eng, out, n=1, plan=plan_sampling(card, "ddim", 1),
-                     overwrite=True, quiet=True, overview=False)
+        segment_case(resolve_case([case], [], card), eng, out,
+                     RunSettings(n=1, plan=plan_sampling(card, "ddim", 1), overwrite=True, overview=False), quiet=True)
     visible = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
     assert visible == before  # only the hidden unfinished-work folder (for a resume) was added
-    monkeypatch.setattr(diffseg_engine.segment, "encode_like", real_encode)
+    monkeypatch.setattr(diffseg_engine.pipeline.segment, "encode_like", real_encode)
     # --overwrite replaces them (same seed: same maps); --save-samples adds every member's mask
     code, err = _cli([*args, "--overwrite", "--save-samples"])
     assert code == 0, err
@@ -516,7 +520,7 @@ def test_segment_4d_file_with_two_modality_model(shared_data, models, tmp_path):
     maps, prov = _check_outputs(tmp_path / "o", "hg15_4d", [four_d], card, n=2, steps=2, shape=ims[0].shape)
     assert prov["inputs"] == {"t1": str(four_d), "flair": str(four_d)}
     # the 4D file feeds the network exactly what the two files of the case folder feed it
-    from diffseg_engine.preprocess import prepare_case
+    from diffseg_engine.inputs.preprocess import prepare_case
     folder = resolve_case([case], [], card)
     a = prepare_case([im.data for im in folder.images], folder.reference.affine, card.preprocessing)
     b = prepare_case([im.data for im in resolve_case([four_d], [], card).images], folder.reference.affine,
@@ -547,15 +551,17 @@ def test_segment_errors_name_the_file(models, tmp_path):
 
 def test_safetensors_on_onnxruntime_uses_the_matching_export_only(models, tmp_path, monkeypatch):
     weights, onnx_path = models["flair"]
-    assert OnnxRuntimeBackend.load(weights, device="cpu").path == onnx_path  # the sibling export
+    assert open_model(weights, "onnxruntime", device="cpu").path == onnx_path  # the sibling export
     # a sibling .onnx of other weights is not used: a fresh export goes to the cache
     monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
     (tmp_path / "m.safetensors").write_bytes(weights.read_bytes())
     (tmp_path / "m.onnx").write_bytes(models["t1_flair"][1].read_bytes())
-    be = OnnxRuntimeBackend.load(tmp_path / "m.safetensors", device="cpu")
+    be = open_model(tmp_path / "m.safetensors", "onnxruntime", device="cpu")
     assert be.path.parent == tmp_path / "cache"
     assert be.card.weights_sha256 == load_weights(weights)[1].weights_sha256
-    assert OnnxRuntimeBackend.load(tmp_path / "m.safetensors", device="cpu").path == be.path  # reused
+    assert open_model(tmp_path / "m.safetensors", "onnxruntime", device="cpu").path == be.path  # reused
+    with pytest.raises(ModelFileError, match="onnx"):  # the backend itself runs step graphs only
+        OnnxRuntimeBackend.load(weights, device="cpu")
 
 
 def test_backend_devices(models):

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffseg_engine import evaluate as E
-from diffseg_engine import qubrats as QB
+from diffseg_engine.pipeline import evaluate as E
+from diffseg_engine.maps import qubrats as QB
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "evaluation"
 TEXT_REPORTS = ("cases_csv", "slices_csv", "summary_md")
@@ -102,7 +102,7 @@ def test_a_metric_added_in_one_place_reaches_every_report(tmp_path, monkeypatch)
 
 
 def test_option_checks_refuse_before_anything_is_read(tmp_path):
-    from diffseg_engine.errors import UsageError
+    from diffseg_engine.core.errors import UsageError
     nowhere = tmp_path / "missing"
     for kw, match in (({"top_percent": 0}, "top percent"), ({"n_levels": 1}, "2 levels"),
                       ({"ensemble_sizes": [0, 5]}, "at least 1"), ({"n": 0}, "--n must be at least 1"),
@@ -122,8 +122,8 @@ def test_the_evaluation_package_imports_only_downwards():
     assert out.returncode == 0, out.stderr
     loaded = set(out.stdout.split())
     assert "diffseg_engine.evaluation.columns" in loaded
-    for above in ("diffseg_engine.segment", "diffseg_engine.sampler", "diffseg_engine.cohort", "diffseg_engine.cli",
-                  "diffseg_engine.evaluate", "torch"):
+    for above in ("diffseg_engine.pipeline.segment", "diffseg_engine.sampling.sampler", "diffseg_engine.pipeline.cohort", "diffseg_engine.cli",
+                  "diffseg_engine.pipeline.evaluate", "torch"):
         assert above not in loaded, above
 
 

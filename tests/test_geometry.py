@@ -15,12 +15,12 @@ import pytest
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from typer.testing import CliRunner
 
-from diffseg_engine.card import ModelCard, Preprocessing
-from diffseg_engine.cases import find_case
-from diffseg_engine.errors import InputImageError, UsageError
-from diffseg_engine.geometry import SPACING_TOLERANCE, check_orientation, lr_network_axis
-from diffseg_engine.nifti_io import load_image
-from diffseg_engine.preprocess import (prepare_case, prepare_geometry, prepare_label, prepare_map, restore)
+from diffseg_engine.artifacts.card import ModelCard, Preprocessing
+from diffseg_engine.inputs.cases import find_case
+from diffseg_engine.core.errors import InputImageError, UsageError
+from diffseg_engine.inputs.geometry import SPACING_TOLERANCE, check_orientation, lr_network_axis
+from diffseg_engine.io.nifti_io import load_image
+from diffseg_engine.inputs.preprocess import (prepare_case, prepare_geometry, prepare_label, prepare_map, restore)
 
 ALL4 = ["t1", "t1ce", "t2", "flair"]
 AOO = "BraTS18_CBICA_AOO"
@@ -144,8 +144,8 @@ def test_orientation_codes_are_checked():
 def test_cards_without_orientation_keep_their_meaning():
     """The shipped default card has no orientation field: LPS at 1 mm, what it was trained on. A paper-import
     card written before the field existed keeps using the arrays as stored."""
-    from diffseg_engine.segment import DEFAULT_MODEL_DIR
-    from diffseg_engine.backends.base import read_card
+    from diffseg_engine.pipeline.models import DEFAULT_MODEL_DIR
+    from diffseg_engine.backends import read_card
     card = read_card(DEFAULT_MODEL_DIR / "default.onnx")
     assert (card.preprocessing.orientation, card.preprocessing.spacing_mm) == ("LPS", 1.0)
     data = card.to_dict()
@@ -329,7 +329,7 @@ def test_all_48_orientations_round_trip_exactly():
     voxels exactly; a 2D slice keeps axis 2 as its slice axis."""
     import itertools
 
-    from diffseg_engine.geometry import axial_frame
+    from diffseg_engine.inputs.geometry import axial_frame
     vol = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     base = nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0]))  # LPS
     ref = axial_frame(base.affine, vol.shape, "LPS").to_stack(vol)

@@ -8,12 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from diffseg_engine.backends.ort import ensure_onnx  # noqa: E402
-from diffseg_engine.export.onnx_export import (check_parity, export_onnx, half_precision_step,  # noqa: E402
-                                               precision_error)
-from diffseg_engine.onnx_file import inspect_onnx  # noqa: E402
-from diffseg_engine.segment import DEFAULT_MODEL_DIR  # noqa: E402
-from diffseg_engine.step_graph import STEP_INPUTS  # noqa: E402
+from diffseg_engine.pipeline.models import ensure_onnx  # noqa: E402
+from diffseg_engine.export.onnx_export import check_parity, export_onnx, precision_error
+from diffseg_engine.train.step import half_precision_step
+from diffseg_engine.artifacts.onnx_file import inspect_onnx  # noqa: E402
+from diffseg_engine.pipeline.models import DEFAULT_MODEL_DIR  # noqa: E402
+from diffseg_engine.artifacts.step_graph import STEP_INPUTS  # noqa: E402
 
 F32, F16, BF16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16
 
@@ -79,13 +79,14 @@ def test_one_step_error_against_fp32():
 def test_half_precision_masks_agree_with_fp32_on_the_same_noise():
     """The shipped default on the 2 demo slices with the most structure, DDPM 10 steps, N = 3, same streams:
     the ensemble masks of fp16 and bf16 agree with fp32 (Dice >= 0.99)."""
-    from diffseg_engine.nifti_io import load_image
-    from diffseg_engine.noise import NoiseStreams
-    from diffseg_engine.preprocess import prepare_case
-    from diffseg_engine.sampler import plan_sampling, sample_ensemble
-    from diffseg_engine.segment import DEMO_INPUT
+    from diffseg_engine.io.nifti_io import load_image
+    from diffseg_engine.core.noise import NoiseStreams
+    from diffseg_engine.inputs.preprocess import prepare_case
+    from diffseg_engine.sampling.sampler import plan_sampling, sample_ensemble
+    from diffseg_engine.core.steps import host_runner
+    from diffseg_engine.pipeline.models import DEMO_INPUT
     from diffseg_engine.train.step import build_step
-    from diffseg_engine.weights import load_weights
+    from diffseg_engine.artifacts.weights import load_weights
     tensors, card = load_weights(DEFAULT_MODEL_DIR / "default.safetensors")
     img = load_image(DEMO_INPUT)
     x = prepare_case([img.data], img.affine, card.preprocessing).inputs
@@ -98,7 +99,7 @@ def test_half_precision_masks_agree_with_fp32_on_the_same_noise():
         def fn(*a, step=step):
             with torch.no_grad():
                 return step(*(torch.from_numpy(np.ascontiguousarray(v)) for v in a)).numpy()
-        means[prec] = sample_ensemble(fn, x[pos], members=3, plan=plan, streams=NoiseStreams(0, "half"),
+        means[prec] = sample_ensemble(host_runner(fn), x[pos], members=3, plan=plan, streams=NoiseStreams(0, "half"),
                                       slice_ids=pos, card=card, batch_size=6).mean
     ref = means["fp32"] > 0.5
     assert ref.sum() > 20  # the comparison is about real foreground

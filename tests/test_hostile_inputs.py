@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffseg_engine.cli import app
-from diffseg_engine.errors import (EXIT_CODES, InputImageError, MissingModalityError, OutputError, UsageError)
+from diffseg_engine.core.errors import (EXIT_CODES, InputImageError, MissingModalityError, OutputError, UsageError)
 
 IMG, MOD, OUT, USE = (EXIT_CODES[k] for k in (InputImageError, MissingModalityError, OutputError, UsageError))
 CASE = "BraTS18_CBICA_ASK"
@@ -38,7 +38,7 @@ def two_modality_model(tmp_path_factory):
 
     from diffseg_engine.train.presets import build_card, get_preset
     from diffseg_engine.train.unet import UNetModel
-    from diffseg_engine.weights import save_weights
+    from diffseg_engine.artifacts.weights import save_weights
     card = build_card(get_preset("tiny"), ("flair", "t1"))
     torch.manual_seed(0)
     net = UNetModel(card.architecture)
@@ -49,11 +49,11 @@ def two_modality_model(tmp_path_factory):
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    import diffseg_engine.segment as segment
+    import diffseg_engine.pipeline.models as models
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the inputs were validated")
-    monkeypatch.setattr(segment, "open_model", refuse)
+    monkeypatch.setattr(models, "open_model", refuse)
 
 
 def _image(data: np.ndarray, like, dtype=None) -> nib.Nifti1Image:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from diffseg_engine.card import Preprocessing
+from diffseg_engine.artifacts.card import Preprocessing
 from diffseg_engine.cli import app
-from diffseg_engine.errors import EXIT_CODES, InputImageError
-from diffseg_engine.nifti_io import load_image
-from diffseg_engine.sanity import check_case, check_volume
+from diffseg_engine.core.errors import EXIT_CODES, InputImageError
+from diffseg_engine.io.nifti_io import load_image
+from diffseg_engine.inputs.sanity import check_case, check_volume
 
 IMG = EXIT_CODES[InputImageError]
 runner = CliRunner()
@@ -41,11 +41,11 @@ def _verdict(path: Path, modality: str, **kw) -> str:
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    import diffseg_engine.segment as segment
+    import diffseg_engine.pipeline.models as models
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the inputs were validated")
-    monkeypatch.setattr(segment, "open_model", refuse)
+    monkeypatch.setattr(models, "open_model", refuse)
 
 
 def test_every_real_preprocessed_flair_passes(shared_data):

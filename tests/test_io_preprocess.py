@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from diffseg_engine.card import Preprocessing
-from diffseg_engine.cases import classify_file, discover_cases, find_case
-from diffseg_engine.errors import InputImageError, MissingModalityError
-from diffseg_engine.nifti_io import load_4d_modalities, load_image, save_like
-from diffseg_engine.preprocess import (centre_crop, downsample, normalise_intensity, prepare_case, prepare_label,
+from diffseg_engine.artifacts.card import Preprocessing
+from diffseg_engine.inputs.cases import classify_file, discover_cases, find_case
+from diffseg_engine.core.errors import InputImageError, MissingModalityError
+from diffseg_engine.io.nifti_io import load_4d_modalities, load_image, save_like
+from diffseg_engine.inputs.preprocess import (centre_crop, downsample, normalise_intensity, prepare_case, prepare_label,
                                        restore, slice_axis, to_axial, uncrop, upsample)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffseg_engine.cli import app
-from diffseg_engine.lesions import DEFAULT_MIN_COMPONENT, lesion_mask
+from diffseg_engine.maps.lesions import DEFAULT_MIN_COMPONENT, lesion_mask
 
 runner = CliRunner()
 

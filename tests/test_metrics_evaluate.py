@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffseg_engine import evaluate as E
-from diffseg_engine import metrics as M
-from diffseg_engine.errors import DatasetError, OutputError, UsageError
-from diffseg_engine.nifti_io import LoadedImage, load_image, save_like
+from diffseg_engine.pipeline import evaluate as E
+from diffseg_engine.evaluation import metrics as M
+from diffseg_engine.backends import StepBackend
+from diffseg_engine.core.errors import DatasetError, OutputError, UsageError
+from diffseg_engine.io.nifti_io import LoadedImage, load_image, save_like
 
 medpy_binary = pytest.importorskip("medpy.metric.binary")
 
@@ -147,7 +148,7 @@ def test_empty_mask_policies():
 
 
 def test_metrics_and_evaluate_never_import_torch():
-    code = ("import sys, diffseg_engine.metrics, diffseg_engine.evaluate\n"
+    code = ("import sys, diffseg_engine.evaluation.metrics, diffseg_engine.pipeline.evaluate\n"
             "print('TORCH' if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 'CLEAN')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
@@ -398,8 +399,9 @@ def test_plain_label_maps_as_predictions(tmp_path, shared_data):
     assert 0.9 < sc.row()["slice_dice_mean"] <= 1
 
 
-class _FakeBackend:
-    """A step that ignores x_t: bright FLAIR -> tumour, plus the step's noise (so members differ)."""
+class _FakeBackend(StepBackend):
+    """A step that ignores x_t: bright FLAIR -> tumour, plus the step's noise (so members differ); its chunks
+    run through the contract's host loop."""
 
     name = "fake"
     device = "cpu"
@@ -418,8 +420,8 @@ class _FakeBackend:
 
 
 def test_evaluate_folder_segments_then_scores(tmp_path, shared_data, monkeypatch):
-    from diffseg_engine.card import Architecture, ModelCard, Preprocessing
-    from diffseg_engine.sampler import plan_sampling
+    from diffseg_engine.artifacts.card import Architecture, ModelCard, Preprocessing
+    from diffseg_engine.sampling.sampler import plan_sampling
     arch = Architecture(in_channels=2, model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_ds=())
     card = ModelCard(name="fake", preset="tiny", modalities=("flair",), architecture=arch,
                      preprocessing=Preprocessing(crop_size=224, downsample=8))

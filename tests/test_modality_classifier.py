@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffseg_engine.errors import ModelFileError
-from diffseg_engine.modality import (CLASSES, DEFAULT_FILE, ModalityClassifier, ModalityClassifierCard, brain_band,
+from diffseg_engine.core.errors import ModelFileError
+from diffseg_engine.inputs.modality import (CLASSES, DEFAULT_FILE, ModalityClassifier, ModalityClassifierCard, brain_band,
                                      classifier_slices, default_classifier, forward, save_classifier)
-from diffseg_engine.nifti_io import load_image
+from diffseg_engine.io.nifti_io import load_image
 
 
 def _phantom(shape=(120, 140, 90)) -> np.ndarray:
@@ -106,8 +106,8 @@ def test_held_out_cohort_is_still_told_apart(shared_data):
     test = [v for v in vols if v.cohort == "BraTS 2020" and v.modality in ("flair", "t1")]
     assert len(test) == 4
     net = train_classifier(train, card, steps=card_steps(), log=lambda m: None)
-    from diffseg_engine.modality import ModalityGuess
-    from diffseg_engine.sanity import _modality_findings
+    from diffseg_engine.inputs.modality import ModalityGuess
+    from diffseg_engine.inputs.sanity import _modality_findings
     with torch.no_grad():
         for v in test:
             refuse, warn = _modality_findings(ModalityGuess(predict_volume(net, v, card), 16), "flair")
@@ -121,8 +121,8 @@ def test_shipped_classifier_raises_no_false_alarm_on_the_volumes_it_was_trained_
     """Every real volume given as what it is passes the modality check, and every volume given as FLAIR that
     is not one is refused or warned about unless it is a T1ce (not judged against FLAIR). A fit check on the
     training volumes, not generalisation (that is the held-out test above and the results table)."""
-    from diffseg_engine.cases import classify_file
-    from diffseg_engine.sanity import _modality_findings
+    from diffseg_engine.inputs.cases import classify_file
+    from diffseg_engine.inputs.sanity import _modality_findings
     from diffseg_engine.train.modality import cohort_of
     clf = default_classifier()
     alarms, missed = [], []

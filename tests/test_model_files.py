@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 onnx = pytest.importorskip("onnx")
 
 from diffseg_engine.cli import app  # noqa: E402
-from diffseg_engine.errors import EXIT_CODES, ModelFileError  # noqa: E402
-from diffseg_engine.onnx_file import DIGEST_KEY, content_digest, inspect_onnx  # noqa: E402
+from diffseg_engine.core.errors import EXIT_CODES, ModelFileError  # noqa: E402
+from diffseg_engine.artifacts.onnx_file import DIGEST_KEY, content_digest, inspect_onnx  # noqa: E402
 
 MODEL = EXIT_CODES[ModelFileError]
 runner = CliRunner()

@@ -10,8 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from diffseg_engine.noise import BatchNoise, NoiseStreams, normals, philox4x32
-from diffseg_engine.noise_device import CUDA_SOURCE
+from diffseg_engine.core.noise import BatchNoise, NoiseStreams, normals, philox4x32
+from diffseg_engine.sampling.noise_device import CUDA_SOURCE
 
 
 def test_philox_matches_random123_known_answers():
@@ -61,7 +61,7 @@ def _reference(key, slices, members, draws, n):
 
 def test_torch_implementation_agrees_and_is_batch_independent():
     torch = pytest.importorskip("torch")
-    from diffseg_engine.noise_device import TorchNoise
+    from diffseg_engine.sampling.noise_device import TorchNoise
     key = NoiseStreams(3, "case").key
     slices, members, shape = [4, 4, 11, 0], [0, 1, 2, 9], (13, 11)
     dev = TorchNoise(key, slices, members, shape, "cpu")

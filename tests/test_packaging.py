@@ -11,10 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 RUNTIME_MODULES = [
-    "diffseg_engine", "diffseg_engine.cli", "diffseg_engine.card", "diffseg_engine.errors",
-    "diffseg_engine.weights", "diffseg_engine.schedule", "diffseg_engine.nifti_io", "diffseg_engine.cases",
-    "diffseg_engine.preprocess", "diffseg_engine.progress", "diffseg_engine.sampler", "diffseg_engine.segment",
-    "diffseg_engine.metrics", "diffseg_engine.evaluate", "diffseg_engine.backends.ort", "diffseg_engine.overview",
+    "diffseg_engine", "diffseg_engine.cli", "diffseg_engine.artifacts.card", "diffseg_engine.core.errors",
+    "diffseg_engine.artifacts.weights", "diffseg_engine.sampling.schedule", "diffseg_engine.io.nifti_io", "diffseg_engine.inputs.cases",
+    "diffseg_engine.inputs.preprocess", "diffseg_engine.core.progress", "diffseg_engine.sampling.sampler", "diffseg_engine.pipeline.segment",
+    "diffseg_engine.evaluation.metrics", "diffseg_engine.pipeline.evaluate", "diffseg_engine.backends.ort", "diffseg_engine.maps.overview",
 ]
 
 
@@ -96,7 +96,8 @@ def test_wheel_from_python_m_build_runs_in_a_fresh_venv_without_torch(tmp_path):
     # the shipped model and demo volume, through the installed runtime: one real denoising step (the full demo
     # takes minutes on a loaded 2-core machine; tests/test_default_model.py runs it from the source tree)
     code = ("import sys, numpy as np\n"
-            "from diffseg_engine.segment import DEMO_INPUT, open_model, resolve_case\n"
+            "from diffseg_engine.pipeline.models import DEMO_INPUT, open_model\n"
+            "from diffseg_engine.pipeline.segment import resolve_case\n"
             "eng = open_model(None, 'onnxruntime', 'cpu', threads=1)\n"
             "case = resolve_case([DEMO_INPUT], [], eng.card)\n"
             "img = case.prepared.inputs[len(case.prepared.inputs) // 2][None].astype(np.float32)\n"

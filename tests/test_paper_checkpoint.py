@@ -17,14 +17,14 @@ pytest.importorskip("onnxruntime")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from diffseg_engine.card import Architecture  # noqa: E402
+from diffseg_engine.artifacts.card import Architecture  # noqa: E402
 from diffseg_engine.cli import app  # noqa: E402
-from diffseg_engine.errors import EXIT_CODES, ModelFileError  # noqa: E402
+from diffseg_engine.core.errors import EXIT_CODES, ModelFileError  # noqa: E402
 from diffseg_engine.export.onnx_export import check_parity  # noqa: E402
 from diffseg_engine.export.paper_checkpoint import convert_checkpoint  # noqa: E402
 from diffseg_engine.train.perturb import perturbed  # noqa: E402
 from diffseg_engine.train.unet import UNetModel  # noqa: E402
-from diffseg_engine.weights import load_weights  # noqa: E402
+from diffseg_engine.artifacts.weights import load_weights  # noqa: E402
 
 MODEL_FILE_EXIT = EXIT_CODES[ModelFileError]
 
@@ -271,8 +271,8 @@ SLICE_FOLDERS = ("000246", "001919")
 def test_reference_slices_segment_with_converted_model(exported_small, shared_data, tmp_path, folder_name):
     import nibabel as nib
 
-    from diffseg_engine.cases import find_case
-    from diffseg_engine.preprocess import prepare_case
+    from diffseg_engine.inputs.cases import find_case
+    from diffseg_engine.inputs.preprocess import prepare_case
 
     root = shared_data / "slices2d-unlabelled"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == list(SLICE_FOLDERS)

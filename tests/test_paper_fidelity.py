@@ -24,12 +24,13 @@ pytest.importorskip("onnxruntime")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from diffseg_engine.card import Architecture  # noqa: E402
+from diffseg_engine.artifacts.card import Architecture  # noqa: E402
 from diffseg_engine.cli import app  # noqa: E402
-from diffseg_engine.sampler import kept_timesteps, plan_sampling, sample_ensemble  # noqa: E402
-from diffseg_engine.schedule import (apply_step, ddpm_coefficients, space_timesteps,  # noqa: E402
+from diffseg_engine.sampling.sampler import kept_timesteps, plan_sampling, sample_ensemble  # noqa: E402
+from diffseg_engine.core.steps import host_runner
+from diffseg_engine.sampling.schedule import (apply_step, ddpm_coefficients, space_timesteps,  # noqa: E402
                                      tables_for)
-from diffseg_engine.weights import load_weights  # noqa: E402
+from diffseg_engine.artifacts.weights import load_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("DIFFSEG_PAPER_FIXTURES") or REPO.parent / "shared" / "fixtures" / "paper-code")
@@ -238,8 +239,8 @@ def _engine_trajectory(step, card, traj, plan, members: int = 2):
         sources.append(RecordedNoise(traj["x_T"], traj["noise"], batch=len(items)))
         return sources[-1]
 
-    stats = sample_ensemble(recording_step, traj["image"], members=members, plan=plan, streams=None,
-                            slice_ids=np.array([0]), card=card, batch_size=members, noise_factory=noise_factory)
+    stats = sample_ensemble(host_runner(recording_step, noise_factory), traj["image"], members=members, plan=plan, streams=None,
+                            slice_ids=np.array([0]), card=card, batch_size=members)
     assert len(sources) == 1
     return np.stack(states), stats, sources[0].taken
 
@@ -288,10 +289,10 @@ def test_trajectory_tolerance_detects_wrong_network_timestep(backends, converted
 
 # ---- the sampler's noise seam -------------------------------------------------------------------------------
 def test_noise_factory_replaces_the_streams_per_chunk():
-    """`sample_ensemble(noise_factory=...)` takes x_T and every z from the factory's source, one source per
+    """`host_runner(step, noise_factory)` takes x_T and every z from the factory's source, one source per
     chunk made from that chunk's (slice id, member) items; without it the Philox streams are used."""
-    from diffseg_engine.card import ModelCard
-    from diffseg_engine.noise import NoiseStreams
+    from diffseg_engine.artifacts.card import ModelCard
+    from diffseg_engine.core.noise import NoiseStreams
     from diffseg_engine.train.presets import build_card, get_preset
 
     card: ModelCard = build_card(get_preset("tiny"), ("flair",))
@@ -316,14 +317,14 @@ def test_noise_factory_replaces_the_streams_per_chunk():
         return x_t + noise
 
     images = np.zeros((2, 1, h, h), np.float32)
-    stats = sample_ensemble(step, images, members=2, plan=plan, streams=NoiseStreams(0, "c"),
-                            slice_ids=np.array([5, 7]), card=card, batch_size=3, noise_factory=factory)
+    stats = sample_ensemble(host_runner(step, factory), images, members=2, plan=plan, streams=NoiseStreams(0, "c"),
+                            slice_ids=np.array([5, 7]), card=card, batch_size=3)
     assert calls == [([(5, 0), (5, 1), (7, 0)], (h, h)), ([(7, 1)], (h, h))]
     # x_T is draw 1, the steps get draws 2, 3, 4: x after the last step is 1 + 2 + 3 + 4 in every row
     assert [list(z) for _, z in seen] == [[2.0] * 3, [3.0] * 3, [4.0] * 3, [2.0], [3.0], [4.0]]
     assert [list(x) for x, _ in seen[:3]] == [[1.0] * 3, [3.0] * 3, [6.0] * 3]
     np.testing.assert_array_equal(stats.mean, np.ones((2, h, h)))  # member value clip(10, 0, 1)
     seen.clear()
-    sample_ensemble(step, images, members=1, plan=plan, streams=NoiseStreams(0, "c"), slice_ids=np.array([5, 7]),
+    sample_ensemble(host_runner(step), images, members=1, plan=plan, streams=NoiseStreams(0, "c"), slice_ids=np.array([5, 7]),
                     card=card, batch_size=2)  # default: the Philox streams, not constants
     assert len(seen) == 3 and len(set(seen[0][1])) == 2

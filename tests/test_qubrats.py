@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from diffseg_engine import qubrats as QB
+from diffseg_engine.maps import qubrats as QB
 from diffseg_engine.cli import app
 
 EPS = np.finfo(np.float32).eps

@@ -13,17 +13,17 @@ pytest.importorskip("onnx")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from diffseg_engine.backends.base import read_card  # noqa: E402
+from diffseg_engine.backends import read_card  # noqa: E402
 from diffseg_engine.backends.ort import OnnxRuntimeBackend  # noqa: E402
 from diffseg_engine.backends.torch_ref import TorchBackend  # noqa: E402
-from diffseg_engine.card import Preprocessing  # noqa: E402
+from diffseg_engine.artifacts.card import Preprocessing  # noqa: E402
 from diffseg_engine.cli import app  # noqa: E402
-from diffseg_engine.ensemble import member_probability  # noqa: E402
-from diffseg_engine.errors import ModelFileError  # noqa: E402
+from diffseg_engine.core.ensemble import member_probability  # noqa: E402
+from diffseg_engine.core.errors import ModelFileError  # noqa: E402
 from diffseg_engine.export.onnx_export import check_parity, export_onnx  # noqa: E402
-from diffseg_engine.noise import NoiseStreams  # noqa: E402
-from diffseg_engine.sampler import chosen_plan, plan_sampling, sample_ensemble  # noqa: E402
-from diffseg_engine.schedule import apply_step, q_sample, tables_for  # noqa: E402
+from diffseg_engine.core.noise import NoiseStreams  # noqa: E402
+from diffseg_engine.sampling.sampler import chosen_plan, plan_sampling, sample_ensemble  # noqa: E402
+from diffseg_engine.sampling.schedule import apply_step, q_sample, tables_for  # noqa: E402
 from diffseg_engine.train.data import BatchSampler, SliceSet  # noqa: E402
 from diffseg_engine.train.losses import TorchTables, x0_loss  # noqa: E402
 from diffseg_engine.train.loop import TrainConfig, train  # noqa: E402
@@ -32,7 +32,7 @@ from diffseg_engine.train.presets import build_card, get_preset  # noqa: E402
 from diffseg_engine.train.reference import reference_sample  # noqa: E402
 from diffseg_engine.train.step import build_step  # noqa: E402
 from diffseg_engine.train.unet import UNetModel  # noqa: E402
-from diffseg_engine.weights import load_weights, save_weights  # noqa: E402
+from diffseg_engine.artifacts.weights import load_weights, save_weights  # noqa: E402
 
 SMALL_PREP = Preprocessing(crop_size=224, downsample=14)  # 16x16 network grid
 
@@ -105,7 +105,7 @@ def test_x0_engine_matches_reference_sampler_on_every_backend(x0_model, sampler,
     for backend in (OnnxRuntimeBackend.load(onnx_path, device="cpu", threads=1),
                     TorchBackend.load(weights, device="cpu")):
         got = {}
-        stats = sample_ensemble(backend.infer, image[None], members=members, plan=plan, streams=streams,
+        stats = sample_ensemble(backend.run_chunk, image[None], members=members, plan=plan, streams=streams,
                                 slice_ids=np.array([slice_id]), card=card, batch_size=2,
                                 on_member=lambda s, m, p: got.__setitem__(m, p))
         for m in range(members):
@@ -286,7 +286,7 @@ def test_soft_targets_and_dice_weight_enter_the_loss_as_fractions():
 def test_soft_target_slices_carry_the_area_fraction(shared_data):
     """`--targets soft`: each network pixel's mask is low + (high - low) x its tumour area fraction, whose >= 0.5
     blocks are exactly the binary targets; tumour slices are those with any tumour in the target."""
-    from diffseg_engine.cases import find_case
+    from diffseg_engine.inputs.cases import find_case
     from diffseg_engine.train.data import load_case_slices
     case = find_case(shared_data / "train" / "BraTS18_CBICA_ASK")
     card = build_card(get_preset("tiny"), ("flair",), prediction="x0")

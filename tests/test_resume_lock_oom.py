@@ -23,8 +23,8 @@ import pytest
 from typer.testing import CliRunner
 
 from diffseg_engine.cli import app
-from diffseg_engine.errors import EXIT_CODES, BatchMemoryError, OutputBusyError, OutputError, ResourceError
-from diffseg_engine.lock import OutputLock
+from diffseg_engine.core.errors import EXIT_CODES, BatchMemoryError, OutputBusyError, OutputError, ResourceError
+from diffseg_engine.io.lock import OutputLock
 
 CASE = "BraTS18_CBICA_ASK"
 MAPS = ("mean", "variance", "entropy", "mask")
@@ -133,17 +133,17 @@ def test_sigint_stops_cleanly_and_the_same_command_resumes(flair, tiny_model, re
 
 
 def _interrupt_after_two_chunks(flair, model, out, monkeypatch) -> None:
-    import diffseg_engine.partial
-    real_save = diffseg_engine.partial.PartialRun.save_chunk
+    import diffseg_engine.io.partial
+    real_save = diffseg_engine.io.partial.PartialRun.save_chunk
 
     def stop_after_two(self, lo, hi, *a, **k):
         real_save(self, lo, hi, *a, **k)
         if hi >= 8:
             raise KeyboardInterrupt
-    monkeypatch.setattr(diffseg_engine.partial.PartialRun, "save_chunk", stop_after_two)
+    monkeypatch.setattr(diffseg_engine.io.partial.PartialRun, "save_chunk", stop_after_two)
     code, output = _segment(flair, "--model", model, "--out", out, *RUN)
     assert code == 130 and "resume" in output
-    monkeypatch.setattr(diffseg_engine.partial.PartialRun, "save_chunk", real_save)
+    monkeypatch.setattr(diffseg_engine.io.partial.PartialRun, "save_chunk", real_save)
 
 
 def test_damaged_unfinished_work_is_refused_unless_overwrite(flair, tiny_model, reference, tmp_path, monkeypatch):
@@ -214,15 +214,15 @@ class _SmallMemorySession:
 
 
 def _small_memory(monkeypatch, limit: int) -> list[int]:
-    import diffseg_engine.segment as segment
+    import diffseg_engine.pipeline.models as models
     calls: list[int] = []
-    real_open = segment.open_model
+    real_open = models.open_model
 
     def open_model(*a, **k):
         eng = real_open(*a, **k)
         eng.session = _SmallMemorySession(eng.session, limit, calls)
         return eng
-    monkeypatch.setattr(segment, "open_model", open_model)
+    monkeypatch.setattr(models, "open_model", open_model)
     return calls
 
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffseg_engine.cli import app
-from diffseg_engine.review import REPORT_NAME, review_rows, write_review
+from diffseg_engine.pipeline.review import REPORT_NAME, review_rows, write_review
 
 GOOD = ("BraTS18_CBICA_ASK", "BRATS2013_pat0003", "BraTS18_TCIA02_606")
 BROKEN = "BraTS18_no_flair"

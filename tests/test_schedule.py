@@ -1,4 +1,4 @@
-"""Golden-number tests of `diffseg_engine.schedule` against closed forms and direct float64 loops."""
+"""Golden-number tests of `diffseg_engine.sampling.schedule` against closed forms and direct float64 loops."""
 from __future__ import annotations
 
 import ast
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffseg_engine import schedule as S
-from diffseg_engine.errors import UsageError
+from diffseg_engine.sampling import schedule as S
+from diffseg_engine.core.errors import UsageError
 
 RNG = np.random.default_rng(0)
 IDX = {name: i for i, name in enumerate(S.COEF_NAMES)}
@@ -258,7 +258,7 @@ def test_model_timesteps_and_module_imports(lin):
     tree = ast.parse(Path(S.__file__).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert "torch" not in roots and roots <= {"__future__", "dataclasses", "math", "collections", "numpy", "errors"}
+    assert "torch" not in roots and roots <= {"__future__", "dataclasses", "math", "collections", "numpy", "core"}
 
 
 @pytest.mark.parametrize("steps", [1000, 50])

@@ -10,14 +10,14 @@ import shutil
 import numpy as np
 import pytest
 
-from diffseg_engine.backends.base import open_backend, read_card
-from diffseg_engine.errors import BackendError, ModelFileError
-from diffseg_engine.segment import DEFAULT_MODEL_DIR
+from diffseg_engine.backends import open_backend, read_card
+from diffseg_engine.core.errors import BackendError, ModelFileError
+from diffseg_engine.pipeline.models import DEFAULT_MODEL_DIR
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx (the test extra) builds plans without a GPU")
 
-from diffseg_engine import tensorrt_plan as tp  # noqa: E402
-from diffseg_engine.onnx_file import inspect_onnx  # noqa: E402
+from diffseg_engine.artifacts import tensorrt_plan as tp  # noqa: E402
+from diffseg_engine.artifacts.onnx_file import inspect_onnx  # noqa: E402
 
 MAX_BATCH = 4
 

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg_engine.backends.base import read_card
-from diffseg_engine.errors import ModelFileError, UsageError
-from diffseg_engine.schedule import tables_for
+from diffseg_engine.backends import read_card
+from diffseg_engine.core.errors import ModelFileError, UsageError
+from diffseg_engine.sampling.schedule import tables_for
 from diffseg_engine.train.data import BatchSampler, labelled_cases, load_slices, split_cases
 from diffseg_engine.train.losses import TorchTables, hybrid_loss, segmentation_loss
 from diffseg_engine.train.loop import TrainConfig, train
 from diffseg_engine.train.presets import build_card, get_preset
 from diffseg_engine.train.step import build_step
 from diffseg_engine.train.unet import UNetModel, load_state_dict_strict
-from diffseg_engine.weights import load_weights
+from diffseg_engine.artifacts.weights import load_weights
 
 
 def _few_slices(shared_data, n_cases=2, per_case=6):

@@ -17,8 +17,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, text_format  # noqa
 from google.protobuf import message_factory  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from diffseg_engine.errors import OutputError  # noqa: E402
-from diffseg_engine.step_graph import STEP_INPUTS, STEP_OUTPUT  # noqa: E402
+from diffseg_engine.core.errors import OutputError  # noqa: E402
+from diffseg_engine.artifacts.step_graph import STEP_INPUTS, STEP_OUTPUT  # noqa: E402
 
 F = descriptor_pb2.FieldDescriptorProto
 
@@ -94,7 +94,7 @@ def test_schema_subset_refuses_what_triton_refuses():
 def test_triton_repository_layout_and_config(tiny_model, tmp_path):
     import onnxruntime as ort
 
-    from diffseg_engine.backends.base import read_card
+    from diffseg_engine.backends import read_card
     from diffseg_engine.cli import app
     _, onnx_path = tiny_model
     card = read_card(onnx_path)

@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from diffseg_engine.card import Architecture  # noqa: E402
-from diffseg_engine.errors import ModelFileError  # noqa: E402
+from diffseg_engine.artifacts.card import Architecture  # noqa: E402
+from diffseg_engine.core.errors import ModelFileError  # noqa: E402
 from diffseg_engine.train.perturb import perturbed  # noqa: E402
 from diffseg_engine.train.unet import (  # noqa: E402
     AttentionBlock,

@@ -6,8 +6,8 @@ tumour-weighted draws with optional left-right flips).
 Images and labels go through the inference path (`preprocess.prepare_case` / `prepare_label`): reoriented
 to the card's orientation, resampled in-plane to its spacing, cropped and downsampled alike, so training
 slices look exactly like the slices the engine later feeds the network.
-Imports: numpy, `diffseg_engine.cases`, `nifti_io`, `preprocess`, `geometry`, `card`, `errors`. Must not
-import torch (batches are numpy; the loop converts them).
+Imports: numpy; `artifacts.card`, `core.errors`, `inputs.cases`, `inputs.geometry`, `inputs.preprocess`,
+`io.nifti_io`.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from diffseg_engine.card import ModelCard
-from diffseg_engine.cases import Case, discover_cases
-from diffseg_engine.errors import DatasetError, MissingModalityError
-from diffseg_engine.geometry import lr_network_axis
-from diffseg_engine.nifti_io import load_image
-from diffseg_engine.preprocess import prepare_case, prepare_label
+from diffseg_engine.artifacts.card import ModelCard
+from diffseg_engine.inputs.cases import Case, discover_cases
+from diffseg_engine.core.errors import DatasetError, MissingModalityError
+from diffseg_engine.inputs.geometry import lr_network_axis
+from diffseg_engine.io.nifti_io import load_image
+from diffseg_engine.inputs.preprocess import prepare_case, prepare_label
 
 
 @dataclass

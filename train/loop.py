@@ -5,7 +5,7 @@ Owns: `TrainConfig`, `train()`, and the run folder layout:
   RUN_DIR/state.safetensors   raw weights, EMA, Adam moments, RNG states (for --resume; no pickle)
   RUN_DIR/config.json         the configuration and the patient-level split
   RUN_DIR/train_log.jsonl     one JSON line per logged step / validation
-Imports: torch, numpy, `train.unet`, `train.losses`, `train.data`, `train.presets`, runtime ground floor.
+Imports: numpy, torch; `artifacts`, `core`, `data`, `losses`, `presets`, `sampling`, `unet`.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from diffseg_engine.card import ModelCard
-from diffseg_engine.errors import DatasetError, UsageError
-from diffseg_engine.progress import ProgressBar
-from diffseg_engine.schedule import tables_for
-from diffseg_engine.weights import load_weights, read_metadata, save_weights
+from diffseg_engine.artifacts.card import ModelCard
+from diffseg_engine.core.errors import DatasetError, UsageError
+from diffseg_engine.core.progress import ProgressBar
+from diffseg_engine.sampling.schedule import tables_for
+from diffseg_engine.artifacts.weights import load_weights, read_metadata, save_weights
 
 from .data import BatchSampler, SliceSet, flip_axis, labelled_cases, load_slices, split_cases
 from .losses import TorchTables, hybrid_loss, segmentation_loss, x0_loss

@@ -5,7 +5,7 @@ for the learned variance, with a stop-gradient on the mean, weighted as in impro
 λ = 0.001 of the full bound) and the Gaussian KL / discretised likelihood it needs; `x0_loss` (x0
 prediction: MSE + BCE + soft Dice on the predicted mask, optional recycling); `segmentation_loss` (the
 deterministic baseline), in torch.
-Imports: torch, numpy, `diffseg_engine.schedule`. Must not import the data pipeline or the CLI.
+Imports: numpy, torch; `sampling.schedule`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffseg_engine.schedule import DiffusionTables
+from diffseg_engine.sampling.schedule import DiffusionTables
 
 
 @dataclass

@@ -1,11 +1,10 @@
-"""Training and held-out evaluation of the modality classifier (`diffseg_engine.modality`).
+"""Training and held-out evaluation of the modality classifier (`diffseg_engine.inputs.modality`).
 
 Owns: the classifier network in torch (`ModalityNet`, layer for layer what `modality.forward` computes in
 numpy), the training volumes found in a BraTS-style data folder (`find_volumes`, one cohort label each), the
 augmentation that stands in for the scanners and protocols we do not have (`augment`), `train_classifier`,
 and the leave-one-cohort-out evaluation (`heldout_rows`; benchmarks/modality_classifier.py renders it).
-Imports: numpy, torch, nibabel, `diffseg_engine.modality` (the input slices and the file), `cases` (file
-names). Must not import the CLI.
+Imports: nibabel (lazily), numpy, torch; `inputs.cases`, `inputs.modality`.
 
     python -m diffseg_engine.train.modality train ../shared/data diffseg_engine/models/modality.safetensors
     python -m diffseg_engine.train.modality heldout ../shared/data benchmarks/results/modality_classifier-cpu.md
@@ -26,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffseg_engine.cases import classify_file
-from diffseg_engine.modality import (CLASSES, ModalityClassifier, ModalityClassifierCard, brain_band,
+from diffseg_engine.inputs.cases import classify_file
+from diffseg_engine.inputs.modality import (CLASSES, ModalityClassifier, ModalityClassifierCard, brain_band,
                                      classifier_slices, save_classifier)
 
 #: Training slices come from a wider band than the inference slices (variety; the inference band is inside it).

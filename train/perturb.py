@@ -3,7 +3,7 @@
 Owns: `perturbed`. The output convolutions of an untrained U-Net start at zero, so its output is identically
 zero and a parity, a sampling or a throughput check on it would prove nothing. It lives in the package (as
 `diffseg_engine.train.perturb`) so that tests/ and benchmarks/ both import it downwards, neither from the
-other. Imports: torch only.
+other. Imports: torch.
 """
 from __future__ import annotations
 

@@ -2,14 +2,14 @@
 
 Owns: `PRESETS` (name -> Preset) and `build_card`. A preset fixes the architecture, the preprocessing and
 the diffusion process; the modalities are chosen at training time.
-Imports: `diffseg_engine.card` only.
+Imports: `artifacts.card`, `core.errors` (lazily).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from diffseg_engine.card import Architecture, DiffusionSpec, ModelCard, Preprocessing
+from diffseg_engine.artifacts.card import Architecture, DiffusionSpec, ModelCard, Preprocessing
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ PRESETS["cpu-small"] = dataclasses.replace(
 
 
 def get_preset(name: str) -> Preset:
-    from diffseg_engine.errors import UsageError
+    from diffseg_engine.core.errors import UsageError
     try:
         return PRESETS[name]
     except KeyError:

@@ -3,7 +3,7 @@
 Owns: `reference_sample` — improved-diffusion's `p_sample_loop` / `ddim_sample_loop` written out step by
 step from the schedule tables (not from the fused coefficient rows), for parity tests and the benchmark
 baseline. Given the same noise streams it must reproduce the engine.
-Imports: torch, numpy, `train.unet`, `diffseg_engine.schedule`, `diffseg_engine.noise`.
+Imports: numpy, torch; `artifacts.card`, `sampling.sampler`, `sampling.schedule`, `unet`.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from diffseg_engine.card import ModelCard
-from diffseg_engine.sampler import kept_timesteps
-from diffseg_engine.schedule import respace, tables_for
+from diffseg_engine.artifacts.card import ModelCard
+from diffseg_engine.sampling.sampler import kept_timesteps
+from diffseg_engine.sampling.schedule import respace, tables_for
 
 from .unet import UNetModel
 

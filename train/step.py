@@ -2,18 +2,21 @@
 
 Owns: `DenoisingStep` — (image [B,C,H,W], x_t [B,1,H,W], timestep [B], coef [B,8], noise [B,1,H,W]) -> x_prev
 [B,1,H,W]. x0 comes from the network: from its eps (`a·x_t − b·eps`, the paper) or, for an x0-prediction
-model, directly (`low + (high − low)·sigmoid(logit)`; then columns a and b are unused). The update is the generic form of `diffseg_engine.schedule` (same coefficient columns,
+model, directly (`low + (high − low)·sigmoid(logit)`; then columns a and b are unused). The update is the generic form of `diffseg_engine.sampling.schedule` (same coefficient columns,
 `COEF_NAMES`), so one graph serves DDPM with learned variance, respaced DDPM and DDIM(η); exported to ONNX it
 runs the per-step update in compiled code with the network.
-Imports: torch, `train.unet`, `diffseg_engine.card`, `diffseg_engine.schedule`.
+Also `half_precision_step` (convolutions and matmuls in fp16/bf16; the torch backend and export use it).
+Imports: torch; `artifacts.card`, `artifacts.step_graph`, `core.errors`, `sampling.schedule`, `unet`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from diffseg_engine.card import ModelCard
-from diffseg_engine.schedule import COEF_NAMES
+from diffseg_engine.artifacts.card import ModelCard
+from diffseg_engine.artifacts.step_graph import PRECISIONS
+from diffseg_engine.core.errors import UsageError
+from diffseg_engine.sampling.schedule import COEF_NAMES
 
 from .unet import UNetModel
 
@@ -57,3 +60,23 @@ def build_step(card: ModelCard, tensors: dict) -> DenoisingStep:
     net = UNetModel(card.architecture)
     load_state_dict_strict(net, {k: torch.as_tensor(v) for k, v in tensors.items()})
     return DenoisingStep(net, card).eval()
+
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def half_precision_step(step: DenoisingStep, precision: str) -> DenoisingStep:
+    """`step` with the U-Net torso's convolutions (2D, and the attention's 1x1 Conv1d) in fp16 or bf16, in place.
+
+    The torso then carries its activations in that type, so the attention matmuls run in it too; GroupNorm and
+    the softmax compute in float32 (`train.unet`), the timestep embedding and its MLP, the output head and the
+    fused update stay float32, and so do the graph's inputs and output. "fp32" returns `step` unchanged."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}", fix=f"choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return step
+    for part in (step.net.input_blocks, step.net.middle_block, step.net.output_blocks):
+        for m in part.modules():
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                m.to(_DTYPES[precision])
+    return step

@@ -3,25 +3,8 @@
 Owns: `UNetModel` (built from a `card.Architecture`), `infer_architecture` (reads the hyper-parameters back
 from a state dict's names and shapes), `unwrap_state_dict` and `load_state_dict_strict` (one-line
 `ModelFileError` instead of torch's multi-line RuntimeError).
-Imports: torch, `diffseg_engine.card`, `diffseg_engine.errors`.
-
-Parameter names and shapes are those of ``guided_diffusion/unet.py`` of the paper's code (openai
-guided-diffusion, unchanged by Wolleb), so a ``savedmodel*.pt`` / ``emasavedmodel_0.9999_*.pt`` written by
-``scripts/segmentation_train.py`` loads with ``load_state_dict(strict=True)`` and no renaming:
-
-    time_embed.{0,2}                       Linear(C, 4C), SiLU, Linear(4C, 4C)
-    input_blocks.0.0                       Conv2d(in, C, 3)
-    input_blocks.i.0                       ResBlock     (in_layers.{0,2}, emb_layers.1, out_layers.{0,3},
-                                                         skip_connection when channels change)
-    input_blocks.i.1                       AttentionBlock (norm, qkv, proj_out; 1-D convs)
-    input_blocks.i.0.op                    Downsample conv, stride 2 (or a ResBlock with down=True)
-    middle_block.{0,1,2}                   ResBlock, AttentionBlock, ResBlock
-    output_blocks.j.{0,1,2}                ResBlock, [AttentionBlock], [Upsample (.conv) or up-ResBlock]
-    out.{0,2}                              GroupNorm, SiLU, Conv2d(C, out, 3)
-
-The forward pass is the reference's (legacy QKV attention order, GroupNorm with 32 groups computed in
-float32, sinusoidal timestep embedding with cos before sin), written to trace cleanly for ONNX export with
-a dynamic batch axis: no Python arithmetic on tensor sizes except through reshape/flatten.
+Imports: torch; `artifacts.card`, `core.errors`.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
@@ -33,8 +16,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffseg_engine.card import Architecture
-from diffseg_engine.errors import ModelFileError
+from diffseg_engine.artifacts.card import Architecture
+from diffseg_engine.core.errors import ModelFileError
+
+# Parameter names and shapes are those of ``guided_diffusion/unet.py`` of the paper's code (openai
+# guided-diffusion, unchanged by Wolleb), so a ``savedmodel*.pt`` / ``emasavedmodel_0.9999_*.pt`` written by
+# ``scripts/segmentation_train.py`` loads with ``load_state_dict(strict=True)`` and no renaming:
+#
+#     time_embed.{0,2}                       Linear(C, 4C), SiLU, Linear(4C, 4C)
+#     input_blocks.0.0                       Conv2d(in, C, 3)
+#     input_blocks.i.0                       ResBlock     (in_layers.{0,2}, emb_layers.1, out_layers.{0,3},
+#                                                          skip_connection when channels change)
+#     input_blocks.i.1                       AttentionBlock (norm, qkv, proj_out; 1-D convs)
+#     input_blocks.i.0.op                    Downsample conv, stride 2 (or a ResBlock with down=True)
+#     middle_block.{0,1,2}                   ResBlock, AttentionBlock, ResBlock
+#     output_blocks.j.{0,1,2}                ResBlock, [AttentionBlock], [Upsample (.conv) or up-ResBlock]
+#     out.{0,2}                              GroupNorm, SiLU, Conv2d(C, out, 3)
+#
+# The forward pass is the reference's (legacy QKV attention order, GroupNorm with 32 groups computed in
+# float32, sinusoidal timestep embedding with cos before sin), written to trace cleanly for ONNX export with
+# a dynamic batch axis: no Python arithmetic on tensor sizes except through reshape/flatten.
 
 __all__ = [
     "UNetModel",

@@ -1,27 +1,21 @@
 """The onnxruntime backend: the exported step graph (network + fused update) on CPU or CUDA.
 
-Owns: `OnnxRuntimeBackend`, checking that a requested CUDA provider is really active (onnxruntime falls
-back to CPU silently), reading the model card from ONNX `metadata_props`, and turning onnxruntime's
-allocation failures into `BatchMemoryError`. Every file is checked by `onnx_file.inspect_onnx` before
-onnxruntime opens it. On the CUDA provider `device_loop` runs a whole chunk with IO binding: image, every
-coefficient row and the (slice, member) rows uploaded once as CUDA OrtValues, noise drawn by the
-`noise_device` CUDA kernel (cuda-bindings) on the session's own compute stream, x_t ping-ponged between two
-device buffers, x_0 downloaded once (not executed yet: the GPU machine this project used has no
-onnxruntime-gpu). Imports: numpy, onnxruntime (lazily), `card`, `errors`, `onnx_file`, `step_graph`,
-`noise_device`, `backends.base`. Must not import torch.
+Owns: `OnnxRuntimeBackend` (the session, checked by `artifacts.onnx_file.inspect_onnx` first; a requested
+CUDA provider that is not really active is refused; allocation failures -> `BatchMemoryError`) and its
+`run_chunk`: on the CUDA provider with cuda-bindings a device loop (IO binding, noise from
+`sampling.noise_device`), else the host loop. Imports: cuda-bindings (lazily), numpy, onnxruntime (lazily); `artifacts`, `base`, `core`, `sampling` (lazily). Never torch.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from ..card import CARD_KEY, ModelCard
-from ..errors import BackendError, ModelFileError
-from ..host import usable_cpus
-from ..onnx_file import inspect_onnx
-from ..step_graph import STEP_INPUTS, STEP_OUTPUT
+from ..artifacts.card import CARD_KEY, ModelCard
+from ..core.errors import BackendError, ModelFileError
+from ..core.host import usable_cpus
+from ..artifacts.onnx_file import inspect_onnx
+from ..artifacts.step_graph import STEP_INPUTS, STEP_OUTPUT
 from .base import StepBackend, batch_memory_error
 
 
@@ -63,17 +57,16 @@ class OnnxRuntimeBackend(StepBackend):
     def load(cls, path: str | Path, *, device: str = "auto", threads: int = 0) -> "OnnxRuntimeBackend":
         import onnxruntime as ort
         path = Path(path)
-        if path.suffix != ".onnx":
-            path = ensure_onnx(path)
+        if path.suffix != ".onnx":  # safetensors weights: `pipeline.models.open_model` finds or exports the graph
+            raise ModelFileError("the onnxruntime backend runs an .onnx step graph", path=path,
+                                 fix=f"export it with `diffseg-engine export {path}`, or open it through "
+                                     "`diffseg_engine.pipeline.models.open_model`")
         available = ort.get_available_providers()
         want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
         if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
             raise BackendError(f"--device {device}: onnxruntime has no CUDA provider here (has {available})",
                                fix="pip install onnxruntime-gpu, or use --device cpu")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or usable_cpus()
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         stream = None
         if want_cuda:
             dev_id = int(device.split(":")[1]) if ":" in device else 0
@@ -107,11 +100,18 @@ class OnnxRuntimeBackend(StepBackend):
     stream = None  # the CUDA stream handed to the provider as its compute stream (set by `load`)
     device_id = 0
 
+    def run_chunk(self, image, slices, members, coefs, timesteps, key, on_progress=None) -> np.ndarray:
+        """The device loop where the CUDA provider and cuda-bindings are there, else the host loop."""
+        if not self.has_device_loop:
+            return super().run_chunk(image, slices, members, coefs, timesteps, key, on_progress)
+        return self.device_loop(image, slices, members, coefs, timesteps, key, on_progress)
+
     def device_loop(self, image, slices, members, coefs, timesteps, key, on_progress=None) -> np.ndarray:
+        """All K steps on the CUDA provider with IO binding (x_t never leaves the device)."""
         import onnxruntime as ort
 
-        from ..noise_device import CudaNoise
-        from ..tensorrt_plan import cuda_devices
+        from ..sampling.noise_device import CudaNoise
+        from ..artifacts.tensorrt_plan import cuda_devices
         B, K = len(image), len(coefs)
         h, w = image.shape[2:]
         dev = self.device_id
@@ -151,15 +151,32 @@ class OnnxRuntimeBackend(StepBackend):
             raise
 
     def infer(self, image, x_t, timestep, coef, noise) -> np.ndarray:
-        feeds = {"image": image, "x_t": x_t, "timestep": timestep, "coef": coef, "noise": noise}
         try:
-            return self.session.run([STEP_OUTPUT], {k: np.ascontiguousarray(v, np.float32)
-                                                    for k, v in feeds.items()})[0]
+            return self.session.run([STEP_OUTPUT], step_feeds(image, x_t, timestep, coef, noise))[0]
         except Exception as exc:  # onnxruntime raises its own RuntimeException / Fail types
             oom = batch_memory_error(exc, len(x_t), self.name)
             if oom is not None:
                 raise oom from None
             raise
+
+
+def session_options(threads: int = 0, **config):
+    """The options of every session this backend opens: all graph optimisations, `threads` intra-op threads
+    (0: `core.host.usable_cpus()`), warnings off; plus session config entries (benchmarks vary them)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or usable_cpus()
+    opts.log_severity_level = 3
+    for key, value in config.items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
+def step_feeds(image, x_t, timestep, coef, noise) -> dict[str, np.ndarray]:
+    """The step graph's inputs as `session.run` takes them (contiguous float32)."""
+    feeds = {"image": image, "x_t": x_t, "timestep": timestep, "coef": coef, "noise": noise}
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()}
 
 
 def _compute_stream(device_id: int) -> int | None:
@@ -173,41 +190,3 @@ def _compute_stream(device_id: int) -> int | None:
         return None
     err, stream = cudart.cudaStreamCreate()
     return int(stream) if int(err) == 0 else None
-
-
-def ensure_onnx(weights: str | Path) -> Path:
-    """The ONNX step graph for safetensors `weights`: a sibling `<name>.onnx` whose card carries the same
-    weights digest, else one exported into the user cache (needs the `export` extra)."""
-    from ..weights import read_metadata
-    from ..card import CARD_KEY as KEY
-    weights = Path(weights)
-    meta = read_metadata(weights)
-    if KEY not in meta:
-        raise ModelFileError("safetensors file has no diffseg model card", path=weights)
-    card = ModelCard.from_json(meta[KEY], source=weights)
-    candidates = [weights.with_suffix(".onnx"),
-                  _cache_dir() / f"{card.weights_sha256[:32]}.onnx"]
-    for cand in candidates:
-        if cand.is_file():
-            try:
-                info = inspect_onnx(cand)
-                if info.card.weights_sha256 == card.weights_sha256 and info.precision == "fp32":
-                    return cand
-            except ModelFileError:
-                pass
-    try:
-        from ..export.onnx_export import export_onnx
-    except ImportError:
-        raise BackendError("the onnxruntime backend needs an ONNX export of these weights, and exporting needs "
-                           "PyTorch", fix=f"run `diffseg-engine export {weights}` where torch is installed, "
-                           "or pass the .onnx file as --model") from None
-    out = candidates[1]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(weights, out)
-    return out
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("DIFFSEG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "diffseg-engine")
-    return Path(base)

@@ -1,17 +1,10 @@
 """The TensorRT backend: a plan of the step graph, device buffers from cuda-bindings, CUDA-graph replay.
 
-Owns: `TensorRTBackend` — load (the plan's sidecar checked by `tensorrt_plan.check_plan`, which refuses a plan
-of another TensorRT or GPU and finds the CUDA device BEFORE any TensorRT runtime object exists: deserialising
-without one crashes the process; an .onnx model is built into the plan cache on first use), allocate (device
-buffers for the largest batch), infer (one step from host arrays) and device_loop (a whole chunk on the GPU:
-image, coefficient rows and the (slice, member) rows uploaded once, noise drawn by the `noise_device` CUDA
-kernel, x_t ping-ponged between two buffers, one captured CUDA graph per direction replayed per step, x_0
-downloaded once).
-Imports: numpy, `tensorrt_plan`, `noise_device`, `card`, `errors`, `backends.base`; tensorrt/tensorrt_rtx and
-cuda-bindings lazily. Must not import torch or onnxruntime.
-
-Not executed anywhere yet: the machine this project could use (an H200) has no TensorRT, and TensorRT-RTX
-does not run on Hopper. Its tests are marked `gpu`.
+Owns: `TensorRTBackend` — load (the plan's sidecar checked by `artifacts.tensorrt_plan.check_plan` before any
+TensorRT runtime object exists; an .onnx model is built into the plan cache on first use), `allocate` (device
+buffers of the shapes `artifacts.step_graph` defines), `infer` (one step from host arrays) and `run_chunk`
+(a whole chunk on the GPU: noise from the `sampling.noise_device` CUDA kernel, one captured CUDA graph per
+direction replayed per step, x_0 downloaded once). Imports: cuda-bindings (lazily), numpy; `artifacts.card`, `artifacts.step_graph`, `artifacts.tensorrt_plan`, `base`, `core.errors`, `sampling.noise_device` (lazily). Never torch.
 """
 from __future__ import annotations
 
@@ -20,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..card import ModelCard
-from ..errors import BackendError, BatchMemoryError, ModelFileError
-from ..step_graph import STEP_INPUTS, STEP_OUTPUT
-from ..tensorrt_plan import check_plan, ensure_plan, trt_module
+from ..artifacts.card import ModelCard
+from ..core.errors import BackendError, BatchMemoryError, ModelFileError
+from ..artifacts.step_graph import NUM_COEFS, STEP_INPUTS, STEP_OUTPUT, input_shapes, output_shape
+from ..artifacts.tensorrt_plan import check_plan, ensure_plan, trt_module
 from .base import StepBackend
 
 
@@ -46,7 +39,6 @@ def _ok(result, what: str):
 
 class TensorRTBackend(StepBackend):
     name = "tensorrt"
-    has_device_loop = True
 
     def __init__(self, engine, side: dict, path: Path, device_index: int, trt):
         self.trt, self.engine, self.side, self.path, self.index = trt, engine, side, path, device_index
@@ -67,7 +59,7 @@ class TensorRTBackend(StepBackend):
         path = Path(path)
         index = int(device.split(":")[1]) if ":" in device else 0
         if path.suffix == ".onnx":
-            from ..tensorrt_plan import DEFAULT_MAX_BATCH
+            from ..artifacts.tensorrt_plan import DEFAULT_MAX_BATCH
             path, _ = ensure_plan(path, max_batch=max_batch or DEFAULT_MAX_BATCH, device_index=index)
         elif path.suffix != ".plan":
             raise ModelFileError("the TensorRT backend runs a .plan (or builds one from an .onnx step graph)",
@@ -95,9 +87,7 @@ class TensorRTBackend(StepBackend):
         if batch <= self._batch:
             return
         self._free()
-        h = self.card.image_size
-        c = len(self.card.modalities)
-        sizes = {"image": c * h * h, "x_t": h * h, "timestep": 1, "coef": 8, "noise": h * h, STEP_OUTPUT: h * h}
+        sizes = {name: int(np.prod(shape)) for name, shape in self._item_shapes().items()}
         for name, per_item in sizes.items():
             self._buffers[name] = int(_ok(self.cudart.cudaMalloc(4 * per_item * batch), f"cudaMalloc {name}"))
         self._batch = batch
@@ -114,12 +104,14 @@ class TensorRTBackend(StepBackend):
         except Exception:
             pass
 
+    def _item_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape without the batch axis (`artifacts.step_graph`), the output's included."""
+        return {**input_shapes(len(self.card.modalities), self.card.image_size),
+                STEP_OUTPUT: output_shape(self.card.image_size)}
+
     def _bind(self, batch: int, x_in: int, x_out: int) -> None:
-        h, c = self.card.image_size, len(self.card.modalities)
-        shapes = {"image": (batch, c, h, h), "x_t": (batch, 1, h, h), "timestep": (batch,), "coef": (batch, 8),
-                  "noise": (batch, 1, h, h)}
-        for name, shape in shapes.items():
-            self.context.set_input_shape(name, shape)
+        for name, shape in input_shapes(len(self.card.modalities), self.card.image_size).items():
+            self.context.set_input_shape(name, (batch, *shape))
         for name in ("image", "timestep", "coef", "noise"):
             self.context.set_tensor_address(name, self._buffers[name])
         self.context.set_tensor_address("x_t", x_in)
@@ -142,32 +134,31 @@ class TensorRTBackend(StepBackend):
         self._bind(B, self._buffers["x_t"], self._buffers[STEP_OUTPUT])
         if not self.context.execute_async_v3(self.stream):
             raise BackendError("TensorRT execution failed", fix="see TensorRT's messages above")
-        out = np.empty((B, 1, *x_t.shape[2:]), np.float32)
+        out = np.empty((B, *output_shape(self.card.image_size)), np.float32)
         _ok(self.cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[STEP_OUTPUT], out.nbytes,
                                         self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream), "download")
         _ok(self.cudart.cudaStreamSynchronize(self.stream), "sync")
         return out
 
-    # ---- the device loop ------------------------------------------------------------------------------------
-    def device_loop(self, image, slices, members, coefs, timesteps, key, on_progress=None) -> np.ndarray:
-        from ..noise_device import CudaNoise
+    # ---- a whole chunk on the device ---------------------------------------------------------------------
+    def run_chunk(self, image, slices, members, coefs, timesteps, key, on_progress=None) -> np.ndarray:
+        from ..sampling.noise_device import CudaNoise
         cu = self.cudart
         B, K = len(image), len(coefs)
         if B > self.max_batch:
             raise BatchMemoryError(f"tensorrt plan's profile allows batch {self.max_batch}, asked {B}")
         self.allocate(B)
-        h = self.card.image_size
-        n = h * h
+        n = int(np.prod(output_shape(self.card.image_size)))
         self._upload("image", image)
         # all K coefficient rows and timesteps, broadcast over the batch, uploaded once
-        table = _ok(cu.cudaMalloc(4 * K * B * 9), "cudaMalloc coefficients")
+        table = _ok(cu.cudaMalloc(4 * K * B * (NUM_COEFS + 1)), "cudaMalloc coefficients")
         rows = _ok(cu.cudaMalloc(8 * B), "cudaMalloc rows")
         x_b = _ok(cu.cudaMalloc(4 * B * n), "cudaMalloc x")
         try:
-            host = np.concatenate([np.broadcast_to(coefs[:, None, :], (K, B, 8)),
+            host = np.concatenate([np.broadcast_to(coefs[:, None, :], (K, B, NUM_COEFS)),
                                    np.broadcast_to(timesteps[:, None, None], (K, B, 1))], axis=2)
-            coef_t = np.ascontiguousarray(host[:, :, :8], np.float32)  # [K, B, 8]
-            time_t = np.ascontiguousarray(host[:, :, 8], np.float32)   # [K, B]
+            coef_t = np.ascontiguousarray(host[:, :, :NUM_COEFS], np.float32)  # [K, B, 8]
+            time_t = np.ascontiguousarray(host[:, :, NUM_COEFS], np.float32)   # [K, B]
             rows_h = np.ascontiguousarray(np.stack([slices, members], 1), np.uint32)
             for dst, a in ((int(table), coef_t), (int(table) + coef_t.nbytes, time_t), (int(rows), rows_h)):
                 _ok(cu.cudaMemcpy(dst, a.ctypes.data, a.nbytes, cu.cudaMemcpyKind.cudaMemcpyHostToDevice), "upload")
@@ -181,7 +172,7 @@ class TensorRTBackend(StepBackend):
             noise.draw(xs[0], self.stream)  # x_T, draw 0
             d2d = cu.cudaMemcpyKind.cudaMemcpyDeviceToDevice
             for k, i in enumerate(range(K - 1, -1, -1)):
-                _ok(cu.cudaMemcpyAsync(self._buffers["coef"], int(table) + 4 * 8 * B * i, 4 * 8 * B, d2d,
+                _ok(cu.cudaMemcpyAsync(self._buffers["coef"], int(table) + 4 * NUM_COEFS * B * i, 4 * NUM_COEFS * B, d2d,
                                        self.stream), "coef row")
                 _ok(cu.cudaMemcpyAsync(self._buffers["timestep"], int(table) + coef_t.nbytes + 4 * B * i, 4 * B,
                                        d2d, self.stream), "timestep row")
@@ -195,7 +186,7 @@ class TensorRTBackend(StepBackend):
                         raise BackendError("TensorRT execution failed", fix="see TensorRT's messages above")
                 if on_progress:
                     on_progress(B)
-            out = np.empty((B, 1, h, h), np.float32)
+            out = np.empty((B, *output_shape(self.card.image_size)), np.float32)
             _ok(cu.cudaMemcpyAsync(out.ctypes.data, xs[K % 2], out.nbytes,
                                    cu.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream), "download")
             _ok(cu.cudaStreamSynchronize(self.stream), "sync")

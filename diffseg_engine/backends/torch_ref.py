@@ -1,10 +1,8 @@
-"""The torch reference backend: the same step in eager PyTorch (the only runtime module that imports train/).
+"""The torch reference backend: the same step in eager PyTorch.
 
-Owns: `TorchBackend` (and turning torch's out-of-memory errors into `BatchMemoryError`) and its device loop:
-on CUDA a chunk runs on the GPU (image and coefficient rows uploaded once, noise from `noise_device.TorchNoise`,
-x_t kept there, each step replayed from a captured CUDA graph, x_0 back once); on the CPU the host loop stays
-(`device_loop` also runs there, for tests). Imports: torch, `diffseg_engine.train.step`, `weights`,
-`noise_device`.
+Owns: `TorchBackend` (torch's out-of-memory errors -> `BatchMemoryError`) and its `run_chunk`: on CUDA the
+device loop (image and coefficient rows uploaded once, noise from `sampling.noise_device.TorchNoise`, each step
+replayed from a captured CUDA graph, x_0 back once), on the CPU the host loop. Imports: numpy, torch (lazily); `artifacts.weights`, `base`, `core.errors`, `core.host` (lazily), `sampling.noise_device` (lazily), `train.step` (lazily).
 """
 from __future__ import annotations
 
@@ -12,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendError, ModelFileError
-from ..weights import load_weights
+from ..core.errors import BackendError, ModelFileError
+from ..artifacts.weights import load_weights
 from .base import StepBackend, batch_memory_error
 
 
@@ -31,14 +29,14 @@ class TorchBackend(StepBackend):
     @classmethod
     def load(cls, path: str | Path, *, device: str = "auto", threads: int = 0,
              precision: str = "fp32") -> "TorchBackend":
-        """precision: fp32, or fp16/bf16 for the convolutions and matmuls (`export.onnx_export.half_precision_step`:
+        """precision: fp32, or fp16/bf16 for the convolutions and matmuls (`train.step.half_precision_step`:
         the same mixed-precision step that `export --precision` writes). threads: 0 = `host.usable_cpus()`."""
         try:
             import torch
         except ImportError:
             raise BackendError("--backend torch needs PyTorch", fix="pip install 'diffseg-engine[train]' "
                                "or use --backend onnxruntime") from None
-        from ..host import usable_cpus
+        from ..core.host import usable_cpus
         torch.set_num_threads(threads or usable_cpus())
         from ..train.step import build_step
         path = Path(path)
@@ -53,7 +51,7 @@ class TorchBackend(StepBackend):
             else "cpu"
         step = build_step(card, tensors)
         if precision != "fp32":
-            from ..export.onnx_export import half_precision_step
+            from ..train.step import half_precision_step
             step = half_precision_step(step, precision)
         return cls(step.to(dev), card, dev, path)
 
@@ -76,7 +74,14 @@ class TorchBackend(StepBackend):
             torch.cuda.empty_cache()  # give the failed batch's blocks back before the sampler retries smaller
         raise oom
 
+    def run_chunk(self, image, slices, members, coefs, timesteps, key, on_progress=None) -> np.ndarray:
+        """The device loop on CUDA, the host loop on the CPU."""
+        if not self.has_device_loop:
+            return super().run_chunk(image, slices, members, coefs, timesteps, key, on_progress)
+        return self.device_loop(image, slices, members, coefs, timesteps, key, on_progress)
+
     def device_loop(self, image, slices, members, coefs, timesteps, key, on_progress=None) -> np.ndarray:
+        """All K steps with x_t kept on the torch device (on the CPU too, for tests)."""
         import torch
         try:
             with torch.inference_mode():
@@ -90,7 +95,7 @@ class TorchBackend(StepBackend):
         raise oom
 
     def _device_loop(self, torch, image, slices, members, coefs, timesteps, key, on_progress):
-        from ..noise_device import TorchNoise
+        from ..sampling.noise_device import TorchNoise
         dev = torch.device(self._device)
         B, K = len(image), len(coefs)
         img = torch.from_numpy(np.require(image, np.float32, ("C", "W"))).to(dev)

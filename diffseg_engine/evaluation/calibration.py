@@ -4,15 +4,8 @@ Owns: `auroc` (exact, Mann-Whitney U with average ranks for ties), `roc_points` 
 for plotting), `reliability` / `Reliability` (the reliability diagram's bins and the expected calibration
 error), `error_detection` / `ErrorDetection`, and `calibration_scores` / `CalibrationScores`, which a case's
 scores carry (`protocol.CaseScores.calibration`).
-Imports: numpy and the standard library only.
-
-Definitions. The region: brain voxels (any modality non-zero; the whole grid when no image is at hand) of the
-slices whose ground truth holds tumour -- the voxels where a reader looks for errors. Errors: mask != truth
-there. `variance_auroc` / `entropy_auroc`: the area under the ROC curve of the variance map / the binary
-entropy of the ensemble mean for telling error voxels from correct ones (1: every error more uncertain than
-every correct voxel; 0.5: chance). Reliability: the ensemble mean p of the region's voxels in `BINS` equal bins
-of [0, 1]; per bin the voxel count, the mean p (confidence) and the share that is tumour (observed);
-ECE = sum over bins of (count / total) x |observed - confidence|.
+Imports: numpy. Never torch.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
@@ -20,6 +13,14 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# Definitions. The region: brain voxels (any modality non-zero; the whole grid when no image is at hand) of the
+# slices whose ground truth holds tumour -- the voxels where a reader looks for errors. Errors: mask != truth
+# there. `variance_auroc` / `entropy_auroc`: the area under the ROC curve of the variance map / the binary
+# entropy of the ensemble mean for telling error voxels from correct ones (1: every error more uncertain than
+# every correct voxel; 0.5: chance). Reliability: the ensemble mean p of the region's voxels in `BINS` equal bins
+# of [0, 1]; per bin the voxel count, the mean p (confidence) and the share that is tumour (observed);
+# ECE = sum over bins of (count / total) x |observed - confidence|.
 
 BINS = 10
 ROC_POINTS = 200

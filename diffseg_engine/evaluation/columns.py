@@ -5,9 +5,7 @@ into), `row` (one case's values), `group_means` and `mean_std`. Adding a per-cas
 `METRICS`: it becomes a column of ``evaluation_cases.csv``, a key of each ``per_case`` row of the JSON summary,
 its mean in the summary part its `group` names, and -- where it names a `column` -- a column of the Markdown
 per-case table (and with a `mean_column`, of the Markdown table of its group's means).
-Imports: numpy and the standard library only. A metric's `value` reads a `protocol.CaseScores` by attribute
-(the parts of one case: volume scores, `slices`, `curve`, `uncertainty`, `qubrats`); this module does not import
-`protocol`, which imports it.
+Imports: numpy. Never torch.
 """
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ calibration, pooled over cases, with its expected calibration error), `error_det
 variance and of the entropy for finding the errors, per case, with the AUROC the tables report) and
 `dice_against_lesion_size` (per-slice Dice against the true lesion's size in the slice, and 3D Dice against
 its volume), and `FIGURES` (name -> function), each returning None where no case has what it draws.
-Imports: numpy, matplotlib (lazily, the Agg canvas, no pyplot), and this package's `calibration` (for the
-pooled reliability) -- it reads `protocol.CaseScores` by attribute and never imports what is above it.
+Imports: matplotlib (lazily), numpy; `calibration`. Never torch.
 """
 from __future__ import annotations
 

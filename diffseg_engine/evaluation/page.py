@@ -3,7 +3,7 @@
 Owns: `write_page` (the figures of `figures.FIGURES` as PNG files beside the page, and the page itself from the
 summary `reports.summarize` made) and `PAGE_NAME`. One self-contained HTML file (inline style, no script, no
 network) with its figures beside it. Templating is Jinja2 with autoescaping.
-Imports: the standard library, jinja2, `atomic`, and this package's `figures`. Never the segmenting side.
+Imports: jinja2 (lazily); `figures`, `io.atomic`. Never torch.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..atomic import atomic_write
+from ..io.atomic import atomic_write
 from .figures import FIGURES
 
 PAGE_NAME = "evaluation_report.html"  # = reports.REPORT_NAMES["page"]

@@ -4,8 +4,7 @@ Owns: finding each labelled case's prediction files (`find_prediction`: the engi
 `outputs`, or a plain ``<case>.nii.gz`` label map, with a QU-BraTS ``<case>_unc_whole``), the predictions that
 match no case, loading what scoring needs (the brain mask from the case's images, the member masks) and scoring
 every labelled case (`labelled_cases`, `score_folder` / `FolderScores`).
-Imports: numpy, nibabel (through `nifti_io`; the samples file directly, as uint8), `cases`, `outputs`,
-`qubrats`, `progress`, `errors`, `metrics`, and this package's `protocol`.
+Imports: nibabel (lazily), numpy; `core`, `inputs`, `io`, `maps`, `metrics`, `protocol`. Never torch.
 """
 from __future__ import annotations
 
@@ -14,13 +13,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import metrics as M
-from .. import qubrats as QB
-from ..cases import Case, discover_cases
-from ..errors import DatasetError, DiffsegError, InputImageError
-from ..nifti_io import load_image
-from ..outputs import NIFTI_EXTENSIONS, SUFFIXES, stem_suffix
-from ..progress import ProgressBar
+from . import metrics as M
+from ..maps import qubrats as QB
+from ..inputs.cases import Case, discover_cases
+from ..core.errors import DatasetError, DiffsegError, InputImageError
+from ..io.nifti_io import load_image
+from ..maps.outputs import NIFTI_EXTENSIONS, SUFFIXES, stem_suffix
+from ..core.progress import ProgressBar
 from .protocol import CaseScores, score_case
 
 #: The endings of the engine's NIfTI outputs after the case id ("_mask", "_variance", ...): a file named so is

@@ -3,38 +3,8 @@
 Owns: per-slice scores (`slice_scores` / `SliceScores`, paper Table 1), per-volume scores (`volume_scores`),
 ensemble-size curves (`ensemble_curve` / `EnsembleCurve`, `default_ensemble_sizes`, `check_sizes`), and one
 case's scores (`score_case` / `CaseScores`, which also holds its `uncertainty` and QU-BraTS scores).
-Imports: numpy, `metrics`, `preprocess.slice_axis`, `qubrats`, and this package's `uncertainty` and `columns`.
-
-Protocol (Wolleb et al., MIDL 2022, section 4 and Table 1):
-
-* Ground truth: whole tumour = label > 0. Prediction: mask > 0.5 (``<case>_mask.nii.gz`` holds 0/1; a plain
-  ``<case>.nii.gz`` label map counts every label >= 1 as tumour).
-* Per slice: the axial slices (axis = `preprocess.slice_axis`) whose ground truth is non-empty are the test
-  slices. For each: Dice, Jaccard, HD95 (in-plane spacing, mm). An empty prediction on a test slice gives Dice
-  0, Jaccard 0 and an undefined HD95 (`metrics.EmptyPolicy` decides what is stored: 373.13 under ``brats``,
-  NaN under ``nan``). Reported: means over all test slices and, "in brackets", over the test slices with a
-  non-empty prediction, plus the number of empty predictions. ``slice_hd95_mean_nonempty`` (HD95 over
-  non-empty predictions only) is the paper's HD95 column. The paper keeps only slices 80..128 of 155 and
-  crops to 224x224; this module scores every axial slice of the input grid with non-empty ground truth.
-  False positives on slices without tumour are invisible to this protocol (as in the paper); the 3D
-  scores see them.
-* Per volume: 3D Dice, Jaccard, HD95 in mm (axes of length 1 are dropped first, so a 2D slice file scores
-  as 2D) and the MONAI-style HD95 (`metrics.hd95_directed_max`) for comparison.
-* HD95 is medpy's definition throughout (`metrics.hd95`, see `metrics.HD95_DEFINITION`).
-
-Ensemble-size curve (paper Figure 4): members m = 0..N-1 (``<case>_samples.nii.gz``, [X, Y, Z, N] uint8,
-each member's mask). The ensemble of the first k members is ``mean(members[..., :k]) > 0.5`` (strict, the
-rule `segment` uses for its mask; with binary members this is a majority vote and an exact tie is
-background). It is scored for k in `default_ensemble_sizes` (1, 5, 10, ..., N); k = 1 is the single-run
-score (member 0). The engine's mask thresholds the mean of *soft* members, so its score can differ
-slightly from the k = N point.
-
-Uncertainty (where a variance map exists): `uncertainty`. QU-BraTS (the challenge's score, exactly as its
-organisers' scorer computes it: see `qubrats`): the uncertainty is the submitted map, 100 x binary entropy of
-the ensemble mean (``<case>_unc_whole`` when a submission is scored, else computed from ``<case>_mean``),
-thresholds 0, 25, 50, 75, 100; whole tumour only (the challenge also averages tumour core and enhancing
-tumour, which this model does not segment): qu_brats_dice_auc, qu_brats_ftp_auc, qu_brats_ftn_auc and
-qu_brats_score.
+Imports: numpy; `calibration`, `columns`, `core`, `inputs`, `maps`, `metrics`, `uncertainty`. Never torch.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
@@ -44,14 +14,45 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import metrics as M
-from .. import qubrats as QB
-from ..errors import UsageError
-from ..preprocess import slice_axis
-from ..qubrats import QuBratsScore
+from . import metrics as M
+from ..maps import qubrats as QB
+from ..core.errors import UsageError
+from ..inputs.preprocess import slice_axis
+from ..maps.qubrats import QuBratsScore
 from . import columns
 from .calibration import CalibrationScores, calibration_scores
 from .uncertainty import UncertaintyScores, uncertainty_scores
+
+# Protocol (Wolleb et al., MIDL 2022, section 4 and Table 1):
+#
+# * Ground truth: whole tumour = label > 0. Prediction: mask > 0.5 (``<case>_mask.nii.gz`` holds 0/1; a plain
+#   ``<case>.nii.gz`` label map counts every label >= 1 as tumour).
+# * Per slice: the axial slices (axis = `preprocess.slice_axis`) whose ground truth is non-empty are the test
+#   slices. For each: Dice, Jaccard, HD95 (in-plane spacing, mm). An empty prediction on a test slice gives Dice
+#   0, Jaccard 0 and an undefined HD95 (`metrics.EmptyPolicy` decides what is stored: 373.13 under ``brats``,
+#   NaN under ``nan``). Reported: means over all test slices and, "in brackets", over the test slices with a
+#   non-empty prediction, plus the number of empty predictions. ``slice_hd95_mean_nonempty`` (HD95 over
+#   non-empty predictions only) is the paper's HD95 column. The paper keeps only slices 80..128 of 155 and
+#   crops to 224x224; this module scores every axial slice of the input grid with non-empty ground truth.
+#   False positives on slices without tumour are invisible to this protocol (as in the paper); the 3D
+#   scores see them.
+# * Per volume: 3D Dice, Jaccard, HD95 in mm (axes of length 1 are dropped first, so a 2D slice file scores
+#   as 2D) and the MONAI-style HD95 (`metrics.hd95_directed_max`) for comparison.
+# * HD95 is medpy's definition throughout (`metrics.hd95`, see `metrics.HD95_DEFINITION`).
+#
+# Ensemble-size curve (paper Figure 4): members m = 0..N-1 (``<case>_samples.nii.gz``, [X, Y, Z, N] uint8,
+# each member's mask). The ensemble of the first k members is ``mean(members[..., :k]) > 0.5`` (strict, the
+# rule `segment` uses for its mask; with binary members this is a majority vote and an exact tie is
+# background). It is scored for k in `default_ensemble_sizes` (1, 5, 10, ..., N); k = 1 is the single-run
+# score (member 0). The engine's mask thresholds the mean of *soft* members, so its score can differ
+# slightly from the k = N point.
+#
+# Uncertainty (where a variance map exists): `uncertainty`. QU-BraTS (the challenge's score, exactly as its
+# organisers' scorer computes it: see `qubrats`): the uncertainty is the submitted map, 100 x binary entropy of
+# the ensemble mean (``<case>_unc_whole`` when a submission is scored, else computed from ``<case>_mean``),
+# thresholds 0, 25, 50, 75, 100; whole tumour only (the challenge also averages tumour core and enhancing
+# tumour, which this model does not segment): qu_brats_dice_auc, qu_brats_ftp_auc, qu_brats_ftn_auc and
+# qu_brats_score.
 
 
 def _nan() -> float:

@@ -5,8 +5,8 @@ ensemble-size curves, every case's row), `write_reports` and what it writes (`RE
 per-slice CSV, JSON and Markdown summaries, the Dice-vs-ensemble-size PNG; then the page of figures,
 `page.write_page`), and `DEFINITIONS`, the text that says what each number is. The per-case columns, their means and their Markdown cells come from
 `columns.METRICS`; nothing here names a per-case metric.
-Imports: numpy, matplotlib (lazily, Agg canvas, no pyplot), `metrics`, `atomic`, `errors`, and this package's
-`columns` and `protocol`.
+Imports: matplotlib (lazily), numpy; `columns`, `core.errors`, `io.atomic`, `metrics`, `page` (lazily), `protocol`.
+Never torch.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import metrics as M
-from ..atomic import atomic_write
-from ..errors import OutputError
+from . import metrics as M
+from ..io.atomic import atomic_write
+from ..core.errors import OutputError
 from . import columns as C
 from .protocol import CaseScores, SliceScores
 

@@ -2,24 +2,8 @@
 
 Owns: `uncertainty_scores` / `UncertaintyScores`, `filtered_dice_curve`, `check_options` (the one check of
 the top percent and the number of levels) and `MAX_VARIANCE`.
-Imports: numpy, `metrics` (Dice, empty-mask policies), `errors`. Nothing else of this package.
-
-Definitions. u = clip(variance / 0.25, 0, 1) (0.25 is the largest population variance of values in [0, 1]).
-Errors E = (prediction != ground truth) inside the brain (any modality non-zero, as in preprocessing; the
-whole grid when no image is at hand).
-
-* Enrichment: the top-q % set T = the ceil(q/100 * |brain|) brain voxels of largest variance (all brain
-  voxels with variance >= that k-th largest value, and > 0, so ties and zero variance are handled
-  deterministically). error_fraction_in_top = |E∩T|/|E|; top_fraction = |T|/|brain|;
-  enrichment = error_fraction_in_top / top_fraction (1 = uncertainty no better than chance; NaN if no
-  errors or T is empty). high_variance_error_dice = Dice(brain ∩ {variance > threshold}, E).
-* Variance-filtered Dice (this tool's dense curve, in the spirit of QU-BraTS but NOT its score): for tau in
-  linspace(0, 1, n_levels), the voxels with u > tau are filtered out (removed from prediction and ground
-  truth) and Dice is computed on the voxels kept (u <= tau); both filtered masks empty -> 1. tau = 1 keeps
-  every voxel (the unfiltered Dice). var_filtered_dice_auc = trapezoid area under Dice(tau) over [0, 1];
-  the filtered true-positive / true-negative ratio curves of the same u are in the JSON report.
-
-The QU-BraTS score itself (the challenge's, on its own uncertainty map) is `qubrats.score`.
+Imports: numpy; `core.errors`, `metrics`. Never torch.
+Definitions and conventions: the comment below the imports.
 """
 from __future__ import annotations
 
@@ -28,8 +12,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import metrics as M
-from ..errors import UsageError
+from . import metrics as M
+from ..core.errors import UsageError
+
+# Definitions. u = clip(variance / 0.25, 0, 1) (0.25 is the largest population variance of values in [0, 1]).
+# Errors E = (prediction != ground truth) inside the brain (any modality non-zero, as in preprocessing; the
+# whole grid when no image is at hand).
+#
+# * Enrichment: the top-q % set T = the ceil(q/100 * |brain|) brain voxels of largest variance (all brain
+#   voxels with variance >= that k-th largest value, and > 0, so ties and zero variance are handled
+#   deterministically). error_fraction_in_top = |E∩T|/|E|; top_fraction = |T|/|brain|;
+#   enrichment = error_fraction_in_top / top_fraction (1 = uncertainty no better than chance; NaN if no
+#   errors or T is empty). high_variance_error_dice = Dice(brain ∩ {variance > threshold}, E).
+# * Variance-filtered Dice (this tool's dense curve, in the spirit of QU-BraTS but NOT its score): for tau in
+#   linspace(0, 1, n_levels), the voxels with u > tau are filtered out (removed from prediction and ground
+#   truth) and Dice is computed on the voxels kept (u <= tau); both filtered masks empty -> 1. tau = 1 keeps
+#   every voxel (the unfiltered Dice). var_filtered_dice_auc = trapezoid area under Dice(tau) over [0, 1];
+#   the filtered true-positive / true-negative ratio curves of the same u are in the JSON report.
+#
+# The QU-BraTS score itself (the challenge's, on its own uncertainty map) is `qubrats.score`.
 
 #: Largest variance of a quantity in [0, 1]: u = variance / MAX_VARIANCE is the normalised uncertainty.
 MAX_VARIANCE = 0.25
