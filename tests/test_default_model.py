@@ -32,19 +32,22 @@ def test_shipped_files_belong_together_and_fit_the_budget():
     assert card == st_card and card.objective == "diffusion"
     assert card.modalities == ("flair",) and card.preset == "cpu-small" and card.diffusion.prediction == "x0"
     tr0 = card.training
-    assert tr0["recycling"] is True and tr0["augmentations"] == ["flip_lr"]
+    # the recipe whose noise draws carry the ensemble: the network sees x_t made from the true mask
+    assert tr0["recycling"] is False and tr0["augmentations"] == ["flip_lr"] and tr0["targets"] == "soft"
     info = inspect_onnx(onnx)
     assert info.stored_digest == info.digest and not info.external
     tr = card.training
     assert tr["steps"] > 0 and tr["val_cases"] and not set(tr["val_cases"]) & set(tr["train_cases"])
     validation = json.loads((DEFAULT_MODEL_DIR / "default_validation.json").read_text())
     assert validation["validation_cases"] == tr["val_cases"]
+    # the record names the weights it measured: the shipped tensors' sha256 (checked against them on load)
+    assert validation["weights_sha256"] == card.weights_sha256
     # the record measured the shipped file itself, at the sampler `segment` uses by default
     d = card.diffusion
     default_rows = [r for r in validation["results"] if r["model"].endswith("models/default.onnx")
-                    and (r["plan"]["sampler"], r["plan"]["steps"], r["plan"]["eta"], r["plan"].get("mirror", False))
-                    == (d.sampler, d.sampling_steps, d.eta, d.mirror)]
-    assert default_rows and {"1", "5"} <= set(default_rows[0]["summary"])
+                    and (r["plan"]["sampler"], r["plan"]["steps"]) == (d.sampler, d.sampling_steps)]
+    assert default_rows and {"1", "5"} <= set(default_rows[0]["summary"]["plain"])
+    assert set(default_rows[0]["per_patient"]) == set(tr["val_cases"])
     log = [json.loads(line) for line in (DEFAULT_MODEL_DIR / "default_train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log if r["event"] == "checkpoint") == tr["steps"]
 
